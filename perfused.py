@@ -895,10 +895,13 @@ def entry_reply_to_kernel(relay, req, entry, newnode_field=True):
     """Account a new-node reply and fill the kernel's newnode/vattr/ttls."""
     if entry.nodeid == 0:
         raise PuffsError(E.ENOENT)          # a negative (cacheable) entry
+    if entry.nodeid == req.node.nodeid:
+        # The kernel would refuse its own directory as the new node (and
+        # answer EPROTO); give the daemon its count back and fail the op.
+        relay.forgets.append((entry.nodeid, 1))
+        LOG.error("daemon answered a name in %#x with the directory itself", entry.nodeid)
+        raise PuffsError(E.EIO)
     node = relay.account_entry(entry)
-    if node is req.node:
-        relay.forget_now(node, 1)           # the kernel would reject it
-        raise PuffsError(E.EIO, "daemon answered a name with its own directory")
     msg = req.msg
     msg.pvnr_newnode = node.cookie
     fill_vattr(msg.pvnr_va, entry.attr, entry.generation)
@@ -1752,8 +1755,11 @@ class Relay:
             self.forget_now(node, node.fuse_nlookup)
 
     def forget_now(self, node, count):
+        """Drop a node and give the daemon back its lookup count."""
+        if node is self.nodes.root:
+            return
         self.nodes.drop(node)
-        if count > 0 and node.nodeid != FUSE_ROOT_ID:
+        if count > 0:
             self.forgets.append((node.nodeid, count))
         node.fuse_nlookup = 0
 

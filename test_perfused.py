@@ -985,3 +985,335 @@ def test_passthrough_file_lifecycle_matches_local_directory(passthrough, tmp_pat
     assert os.stat(os.path.join(backing, "f.bin")).st_mtime_ns == os.stat(ref / "f.bin").st_mtime_ns
     assert host_walk(backing) == host_walk(str(ref))
     m.stop()
+
+
+# ===========================================================================
+# A scripted FUSE daemon, for what a real one cannot be made to do on cue
+# (exact FORGET counts, malformed or split replies, notifications, crashes)
+# ===========================================================================
+
+FUSE = dict(LOOKUP=1, FORGET=2, GETATTR=3, SETATTR=4, READLINK=5, SYMLINK=6,
+            MKNOD=8, MKDIR=9, UNLINK=10, RMDIR=11, RENAME=12, LINK=13, OPEN=14,
+            READ=15, WRITE=16, STATFS=17, RELEASE=18, FSYNC=20, SETXATTR=21,
+            GETXATTR=22, LISTXATTR=23, REMOVEXATTR=24, FLUSH=25, INIT=26,
+            OPENDIR=27, READDIR=28, RELEASEDIR=29, FSYNCDIR=30, GETLK=31,
+            SETLK=32, SETLKW=33, ACCESS=34, CREATE=35, DESTROY=38, POLL=40,
+            BATCH_FORGET=42, FALLOCATE=43, READDIRPLUS=44)
+FUSE_NAMES = {v: k for k, v in FUSE.items()}
+
+
+def fuse_attr(ino, mode, size=0, nlink=1, uid=0, gid=0, rdev=0):
+    return struct.pack("<QQQQQQIIIIIIIIII", ino, size, (size + 511) // 512, 1700000000,
+                       1700000001, 1700000002, 0, 0, 0, mode, nlink, uid, gid, rdev, 4096, 0)
+
+
+def fuse_entry(nodeid, mode, size=0, valid=1, **kw):
+    return struct.pack("<QQQQII", nodeid, 0, valid, valid, 0, 0) + fuse_attr(nodeid, mode, size, **kw)
+
+
+class FakeDaemon:
+    """Speaks the daemon side of FUSE on a socket, from a handler table."""
+
+    def __init__(self, sock, handlers=None, minor=31, flags=0x409029, max_write=131072,
+                 init_size=64):
+        self.sock = sock
+        self.requests = []
+        self.handlers = {
+            "INIT": self.init,
+            "GETATTR": lambda h, b: struct.pack("<QII", 1, 0, 0) + fuse_attr(h["nodeid"], 0o40755),
+            "STATFS": lambda h, b: struct.pack("<QQQQQIIII24x", 100, 50, 40, 10, 5, 4096, 255, 4096, 0),
+            "DESTROY": lambda h, b: b"",
+            "OPEN": lambda h, b: struct.pack("<QII", 7, 0, 0),
+            "OPENDIR": lambda h, b: struct.pack("<QII", 8, 0, 0),
+            "RELEASE": lambda h, b: b"", "RELEASEDIR": lambda h, b: b"",
+            "FLUSH": lambda h, b: b"",
+            "FORGET": None, "BATCH_FORGET": None,
+        }
+        self.handlers.update(handlers or {})
+        self.minor, self.flags, self.max_write, self.init_size = minor, flags, max_write, init_size
+        self.lock = threading.Lock()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def init(self, h, b):
+        out = struct.pack("<IIIIHHIIHHI28x", 7, self.minor, 131072, self.flags, 16, 12,
+                          self.max_write, 1, 32, 0, 0)
+        return out[:self.init_size]
+
+    def run(self):
+        while True:
+            try:
+                rec = self.sock.recv(1 << 22)
+            except OSError:
+                return
+            if not rec:
+                return
+            length, opcode, unique, nodeid, uid, gid, pid = struct.unpack_from("<IIQQIII", rec)
+            assert length == len(rec)
+            h = dict(opcode=FUSE_NAMES.get(opcode, opcode), unique=unique, nodeid=nodeid,
+                     uid=uid, gid=gid, pid=pid)
+            body = rec[40:]
+            with self.lock:
+                self.requests.append((h, body))
+            handler = self.handlers.get(h["opcode"], lambda h, b: -errno.ENOSYS)
+            if handler is None:
+                continue
+            result = handler(h, body)
+            self.answer(unique, result)
+
+    def answer(self, unique, result):
+        if result is None:
+            return
+        if isinstance(result, list):           # raw records, sent as given
+            for rec in result:
+                self.sock.send(rec)
+            return
+        if isinstance(result, int):
+            self.sock.send(struct.pack("<IiQ", 16, result, unique))
+        else:
+            self.sock.send(struct.pack("<IiQ", 16 + len(result), 0, unique) + result)
+
+    def seen(self, opcode):
+        with self.lock:
+            return [(h, b) for h, b in self.requests if h["opcode"] == opcode]
+
+    def notify(self, code, payload):
+        self.sock.send(struct.pack("<IiQ", 16 + len(payload), code, 0) + payload)
+
+
+class FakeMount:
+    """perfused between the test kernel and a FakeDaemon."""
+
+    def __init__(self, handlers=None, options=None, **daemon_kw):
+        self.kernel = self.k = TestKernel()
+        relay_end, daemon_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        for s in (relay_end, daemon_end):
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * 1024 * 1024)
+        daemon_end.sendall(mount_request("fake", "/mnt", "fake", 0, "fd=3"))
+        self.daemon_sock = daemon_end
+        self.result = None
+        self.thread = threading.Thread(
+            target=lambda: setattr(self, "result", perfused.serve_connection(
+                relay_end, device=self.kernel.device, **(options or {}))), daemon=True)
+        self.thread.start()
+        self.daemon = FakeDaemon(daemon_end, handlers, **daemon_kw)
+        assert self.kernel.mounted.wait(10), "no mount"
+
+    def stop(self):
+        if not self.k.closed:
+            try:
+                self.k.unmount()
+            except KernelRuleBroken:
+                pass
+        self.k.close_device()
+        self.thread.join(10)
+        assert not self.thread.is_alive()
+        self.daemon_sock.close()
+        self.k.check()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def names_handler(table):
+    """LOOKUP handler answering from {name: (nodeid, mode, size)}."""
+    def lookup(h, b):
+        name = b.rstrip(b"\0").decode()
+        if name not in table:
+            return -errno.ENOENT
+        nodeid, mode, size = table[name]
+        return fuse_entry(nodeid, mode, size)
+    return lookup
+
+
+def wait_for(pred, timeout=10):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+# --- lookup counting --------------------------------------------------------
+
+def test_reclaim_forgets_exactly_what_the_daemon_counted():
+    tree = {"a": (10, 0o100644, 5), "b": (11, 0o100644, 5), "sub": (12, 0o40755, 0)}
+    with FakeMount({"LOOKUP": names_handler(tree)}) as m:
+        k, d = m.k, m.daemon
+        for _ in range(3):
+            assert k.lookup(k.root, "a").rv == 0
+        ca = k.lookup(k.root, "a").newnode          # 4 lookups of a
+        cb = k.lookup(k.root, "b").newnode
+        # RECLAIM with a smaller count than the relay handed out (a lookup
+        # reply was in flight): the node stays, nothing is forgotten.
+        k.vn("RECLAIM", ca, struct.pack("<i4x", 3), faf=True)
+        assert k.getattr(ca).rv == 0
+        assert not d.seen("FORGET") and not d.seen("BATCH_FORGET")
+        k.vn("RECLAIM", ca, struct.pack("<i4x", 1), faf=True)
+        assert wait_for(lambda: d.seen("FORGET"))
+        (h, body), = d.seen("FORGET")
+        assert h["nodeid"] == 10 and struct.unpack("<Q", body[:8])[0] == 4
+        # the reclaimed cookie is gone for good
+        assert k.getattr(ca).rv == NB["ENOENT"]
+        k.reclaim(cb)
+        assert wait_for(lambda: len(d.seen("FORGET")) == 2)
+        assert struct.unpack("<Q", d.seen("FORGET")[1][1][:8])[0] == 1
+        # a fresh lookup of the same name gets a fresh cookie
+        again = k.lookup(k.root, "a").newnode
+        assert again not in (ca, cb, k.root)
+
+
+def test_root_is_never_forgotten_and_several_forgets_batch():
+    tree = {"n%d" % i: (100 + i, 0o100644, 1) for i in range(5)}
+    with FakeMount({"LOOKUP": names_handler(tree)}) as m:
+        k, d = m.k, m.daemon
+        cookies = [k.lookup(k.root, n).newnode for n in sorted(tree)]
+        # RECLAIMs arriving together are forgotten in one BATCH_FORGET
+        frames = []
+        for c in cookies:
+            frames.append(struct.pack("<QQQHHiIii4xQ", 64, 0, c, OPCLASS_VN | FAF,
+                                      VN["RECLAIM"], 0, 0, 0, 0, 64) + struct.pack("<i4x", 1))
+        for f in frames:
+            k.sock.send(f)
+        k.vn("RECLAIM", k.root, struct.pack("<i4x", 1), faf=True)
+        assert wait_for(lambda: sum(
+            struct.unpack_from("<I", b)[0] for _, b in d.seen("BATCH_FORGET")) +
+            len(d.seen("FORGET")) == 5)
+        forgotten = {}
+        for _, b in d.seen("BATCH_FORGET"):
+            n = struct.unpack_from("<I", b)[0]
+            for i in range(n):
+                nodeid, count = struct.unpack_from("<QQ", b, 8 + 16 * i)
+                forgotten[nodeid] = count
+        for h, b in d.seen("FORGET"):
+            forgotten[h["nodeid"]] = struct.unpack("<Q", b[:8])[0]
+        assert forgotten == {100 + i: 1 for i in range(5)}
+        assert d.seen("BATCH_FORGET"), "several RECLAIMs should batch"
+        assert k.getattr(k.root).rv == 0
+
+
+def test_negative_entry_nodeid_0_is_enoent():
+    with FakeMount({"LOOKUP": lambda h, b: fuse_entry(0, 0, 0)}) as m:
+        r = m.k.lookup(m.k.root, "ghost")
+        assert r.rv == NB["ENOENT"]
+        assert not m.daemon.seen("FORGET")
+
+
+def test_lookup_answering_the_directory_itself_is_an_error_not_a_wedge():
+    with FakeMount({"LOOKUP": lambda h, b: fuse_entry(1, 0o40755)}) as m:
+        assert m.k.lookup(m.k.root, "self").rv == NB["EIO"]
+        assert m.k.getattr(m.k.root).rv == 0
+
+
+# --- bad input from the daemon ---------------------------------------------
+
+def test_short_reply_fails_only_its_request():
+    calls = []
+
+    def getattr_(h, b):
+        calls.append(h["nodeid"])
+        if h["nodeid"] == 10:
+            return b"\0" * 20                         # far too short for attr_out
+        return struct.pack("<QII", 1, 0, 0) + fuse_attr(h["nodeid"], 0o40755)
+    with FakeMount({"GETATTR": getattr_, "LOOKUP": names_handler({"f": (10, 0o100644, 1)})}) as m:
+        c = m.k.lookup(m.k.root, "f").newnode
+        assert m.k.getattr(c).rv == NB["EPROTO"]
+        assert m.k.getattr(m.k.root).rv == 0
+
+
+def test_positive_error_and_unknown_unique_are_survived():
+    with FakeMount({"ACCESS": lambda h, b: [struct.pack("<IiQ", 16, 0, 999999),
+                                            struct.pack("<IiQ", 16, 5, h["unique"])]},
+                   options={"perfuse_options": "enable_access"}) as m:
+        assert m.k.access(m.k.root, 4).rv == NB["EPROTO"]
+        assert m.k.getattr(m.k.root).rv == 0
+
+
+def test_reply_split_over_several_records_is_reassembled():
+    data = bytes(range(256)) * 400                  # 102400 bytes
+
+    def read(h, b):
+        fh, off, size = struct.unpack_from("<QQI", b)
+        payload = data[off:off + size]
+        whole = struct.pack("<IiQ", 16 + len(payload), 0, h["unique"]) + payload
+        return [whole[:61456], whole[61456:]]
+    with FakeMount({"LOOKUP": names_handler({"f": (10, 0o100644, len(data))}),
+                    "READ": read}) as m:
+        c = m.k.lookup(m.k.root, "f").newnode
+        assert m.k.open(c, FREAD).rv == 0
+        r = m.k.read(c, 0, len(data))
+        assert r.rv == 0 and r.data == data
+
+
+def test_interleaved_pieces_fail_cleanly():
+    def read(h, b):
+        # a header promising 9000 bytes, then a piece that overruns it
+        return [struct.pack("<IiQ", 16 + 9000, 0, h["unique"]) + b"x" * 100, b"y" * 9500]
+    with FakeMount({"LOOKUP": names_handler({"f": (10, 0o100644, 100000)}), "READ": read}) as m:
+        c = m.k.lookup(m.k.root, "f").newnode
+        assert m.k.open(c, FREAD).rv == 0
+        assert m.k.read(c, 0, 8000).rv == NB["EIO"]
+        assert m.k.getattr(m.k.root).rv == 0
+
+
+def test_readdir_names_with_slash_or_nul_are_refused():
+    def readdir(h, b):
+        fh, off, size = struct.unpack_from("<QQI", b)
+        if off:
+            return b""
+        out = b""
+        for i, name in enumerate([b"good", b"ev/il", b"nu\0l", b"fine"]):
+            rec = struct.pack("<QQII", 20 + i, i + 1, len(name), 8) + name
+            out += rec + bytes(-len(rec) % 8)
+        return out
+    with FakeMount({"READDIR": readdir}) as m:
+        names = [e[0] for e in m.k.listdir(m.k.root)]
+        assert names == ["good", "fine"]
+
+
+def test_daemon_death_mid_request_answers_and_unmounts():
+    started = threading.Event()
+
+    def hang(h, b):
+        started.set()
+        return None                                  # never answers
+    m = FakeMount({"LOOKUP": hang})
+    k = m.k
+    rid = k.send(OPCLASS_VN, VN["LOOKUP"], k.root, kcn("slow") + kcred() + bytes(1432 - 56 - 1048 - 84),
+                 wait=False)
+    assert started.wait(10)
+    m.daemon_sock.shutdown(socket.SHUT_RDWR)         # the daemon crashes
+    m.daemon_sock.close()
+    r = k.wait(rid)
+    assert r.rv == NB["ENXIO"]
+    # perfused asks the kernel to unmount (PUFFSOP_UNMOUNT, 56 bytes)
+    assert wait_for(lambda: any(f.opclass & 7 == OPCLASS_UNMOUNT for f in k.server_frames))
+    # new requests still get exactly one answer
+    assert k.getattr(k.root).rv == NB["ENXIO"]
+    # the kernel's forced unmount: VFS_UNMOUNT is answered, then the device goes
+    assert k.unmount(0x80000).rv == 0
+    k.close_device()
+    m.thread.join(10)
+    assert not m.thread.is_alive() and m.result == 0
+    k.check()
+
+
+def test_notifications_become_puffs_flush_requests():
+    with FakeMount({"LOOKUP": names_handler({"f": (10, 0o100644, 100)})}) as m:
+        k, d = m.k, m.daemon
+        c = k.lookup(k.root, "f").newnode
+        d.notify(2, struct.pack("<Qqq", 10, 0, 4096))                   # INVAL_INODE
+        d.notify(3, struct.pack("<QII", 1, 1, 0) + b"f\0")              # INVAL_ENTRY
+        d.notify(6, struct.pack("<QQII", 1, 10, 1, 0) + b"f\0")         # DELETE
+        d.notify(2, struct.pack("<Qqq", 999, 0, 0))                     # unknown node
+        d.notify(1, struct.pack("<Q", 5))                               # POLL: ignored
+        assert wait_for(lambda: len(k.server_frames) == 3)
+        flushes = [struct.unpack_from("<Qi4xqq", f.frame, 56) for f in k.server_frames]
+        assert flushes[0][:4] == (c, 3, 0, 4096)
+        assert flushes[1][:2] == (k.root, 1) and flushes[2][:2] == (k.root, 1)
+        assert all(f.opclass == OPCLASS_FLUSH and f.id >> 63 for f in k.server_frames)
+        assert k.getattr(c).rv == 0
