@@ -717,14 +717,15 @@ class Node:
     """What perfused keeps per FUSE node the kernel or the daemon holds."""
 
     __slots__ = ("nodeid", "cookie", "fuse_nlookup", "puffs_nlookup", "mode",
-                 "uid", "gid", "size", "rfh", "wfh", "busy", "release_due",
-                 "generation")
+                 "uid", "gid", "size", "rfh", "wfh", "shared_fh", "busy",
+                 "release_due", "generation")
 
     def __init__(self, nodeid, cookie):
         self.nodeid, self.cookie = nodeid, cookie
         self.fuse_nlookup = self.puffs_nlookup = 0
         self.mode = self.uid = self.gid = self.size = 0
-        self.rfh = self.wfh = None
+        self.rfh = self.wfh = None      # FUSE handles open for reading, writing
+        self.shared_fh = False          # rfh and wfh are one O_RDWR open
         self.busy = 0
         self.release_due = False
         self.generation = 0
@@ -732,9 +733,6 @@ class Node:
     @property
     def is_dir(self):
         return stat.S_ISDIR(self.mode)
-
-    def handles(self):
-        return [fh for fh in {self.rfh, self.wfh} if fh is not None]
 
 
 class NodeTable:
@@ -1764,29 +1762,25 @@ class Relay:
         node.fuse_nlookup = 0
 
     def adopt_handle(self, node, fh, mode):
-        """Record a fresh handle; a duplicate from a racing open is released."""
-        extra = None
-        if mode & FREAD:
-            if node.rfh is None:
-                node.rfh = fh
-            elif node.rfh != fh:
-                extra = fh
-        if mode & FWRITE:
-            if node.wfh is None:
-                node.wfh = fh
-                extra = None if extra == fh else extra
-            elif node.wfh != fh and extra is None:
-                extra = fh
-        if extra is not None and extra not in (node.rfh, node.wfh):
-            self._release(node, extra)
+        """Record a fresh handle in the empty slots its mode covers; one that
+        fills no slot (a racing open got there first) is released."""
+        took = False
+        if mode & FREAD and node.rfh is None:
+            node.rfh, took = fh, True
+        if mode & FWRITE and node.wfh is None:
+            node.wfh, node.shared_fh, took = fh, took, True
+        if not took:
+            self._release(node, fh)
 
     def release_handles(self, node):
         if node.busy:
             node.release_due = True
             return
-        for fh in node.handles():
-            self._release(node, fh)
+        for fh in (node.rfh, None if node.shared_fh else node.wfh):
+            if fh is not None:
+                self._release(node, fh)
         node.rfh = node.wfh = None
+        node.shared_fh = False
 
     def _release(self, node, fh):
         opcode = F.RELEASEDIR if node.is_dir else F.RELEASE
@@ -1866,7 +1860,9 @@ class Relay:
             LOG.debug("< fuse %s unique %d error %d len %d",
                       FUSE_OPNAMES.get(inflight.fuse.opcode), unique, err, len(payload))
         if inflight.detached is not None:
-            if err:
+            if err == -errno.ENOSYS:
+                self.mark_lacking(inflight.detached)
+            elif err:
                 LOG.warning("%s of node %#x failed: %s", inflight.detached,
                             inflight.fuse.nodeid, os.strerror(-err) if err < 0 else err)
             return
