@@ -1150,15 +1150,20 @@ def op_open(relay, req):
 
 
 def handle_for(relay, req, node, mode):
-    """A handle usable for mode, opening one on demand (page-cache I/O can
-    arrive after close or on a node opened for the other direction)."""
+    """A handle usable for mode, opened on demand: page-cache I/O arrives
+    after close, and reads (read-modify-write of a page) on files opened
+    only for writing.  A write-only handle serves reads only as a last
+    resort."""
     fh = node.rfh if mode == FREAD else node.wfh
-    if fh is None:
-        fh = node.wfh if mode == FREAD else None
-    if fh is None:
+    if fh is not None:
+        return fh
+    try:
         yield from _open(relay, node, mode, (0, 0, req.hdr.preq_pid))
-        fh = node.rfh if mode == FREAD else node.wfh
-    return fh
+    except FuseError:
+        if mode != FREAD or node.wfh is None:
+            raise
+        return node.wfh
+    return node.rfh if mode == FREAD else node.wfh
 
 
 def op_close(relay, req):
