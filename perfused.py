@@ -571,6 +571,23 @@ class PuffsDevice:
             pass
 
 
+def comfd_mount(fd):
+    """libpuffs' PUFFS_COMFD convention: instead of mount(2), the mount
+    arguments go down an inherited descriptor, which then serves as the PUFFS
+    device (rump kernels and test harnesses sit at its other end).  Written
+    as one record: size_t length + target, size_t length + mntfromname,
+    int flags, size_t length + struct puffs_kargs."""
+    def mount(target, flags, kargs):
+        fromname = PuffsKargs.from_buffer_copy(kargs).pa_mntfromname + b"\0"
+        target = os.fsencode(target) + b"\0"
+        size = struct.Struct("@N")
+        record = b"".join((size.pack(len(target)), target, size.pack(len(fromname)),
+                           fromname, struct.pack("=i", flags), size.pack(len(kargs)),
+                           bytes(kargs)))
+        os.write(fd, record)
+    return mount
+
+
 def netbsd_mount(target, flags, kargs):
     """mount(2) of type puffs through libc's __mount50 (NetBSD only)."""
     libc = c.CDLL(None, use_errno=True)
@@ -2069,6 +2086,12 @@ class Relay:
         req.msg = req.hdr = None
         self.write_kernel(frame)
 
+    def describe_inflight(self):
+        return ["%s unique %d nodeid %#x%s" % (
+            FUSE_OPNAMES.get(i.fuse.opcode, i.fuse.opcode), unique, i.fuse.nodeid,
+            " for PUFFS %s" % i.req.op.name if i.req is not None else "")
+            for unique, i in sorted(self.inflight.items())]
+
     # --- the loop ----------------------------------------------------------
 
     def run(self):
@@ -2216,6 +2239,7 @@ class Trace:
         self.enabled = False
         self.stats = {}
         self.target = ""
+        self.inflight = None      # set by the relay: describes what is waiting
 
     def record(self, name, seconds):
         st = self.stats.get(name)
@@ -2227,7 +2251,8 @@ class Trace:
             st[2] += seconds
             st[3] = max(st[3], seconds)
 
-    def report(self, inflight=()):
+    def report(self):
+        inflight = self.inflight() if self.inflight else ()
         lines = ["%-16s %8s %10s %10s %10s" % ("op", "count", "min ms", "avg ms", "max ms")]
         for name, (n, lo, total, hi) in sorted(self.stats.items()):
             lines.append("%-16s %8d %10.3f %10.3f %10.3f" % (name, n, lo * 1e3,
@@ -2440,6 +2465,7 @@ def serve_connection(sock, device=None, **options):
         relay.mount_flags, relay.owner_uid = flags, uid
         if relay.trace is not None:
             relay.trace.target = mreq.target
+            relay.trace.inflight = relay.describe_inflight
         try:
             negotiate_init(channel, relay)
             root = ATTR_OUT.unpack(fuse_exchange(channel, relay, FuseRequest(
@@ -2457,7 +2483,7 @@ def serve_connection(sock, device=None, **options):
                             options.get("puffs_flags", DEFAULT_KFLAGS))
         try:
             device.mount(mreq.target, flags, kargs)
-        except OSError as e:
+        except (OSError, ValueError) as e:
             LOG.error("mount %s: %s", mreq.target, e)
             return EX_OSERR
         LOG.info("mounted %s on %s for uid %d (pid %d)", mreq.source, mreq.target, uid, pid)
@@ -2518,7 +2544,11 @@ def main(argv=None):
     install_signals(debug, trace, toggle_signal)
     if inherited_fd is not None:
         sock = socket.socket(fileno=inherited_fd)
-        return serve_connection(sock, debug=debug, trace=trace)
+        device = None
+        if os.environ.get("PUFFS_COMFD"):
+            comfd = int(os.environ["PUFFS_COMFD"])
+            device = PuffsDevice(comfd, comfd_mount(comfd))
+        return serve_connection(sock, device, debug=debug, trace=trace)
     return listen_forever(debug, trace, foreground)
 
 

@@ -233,9 +233,12 @@ class TestKernel:
 
     __test__ = False
 
-    def __init__(self):
+    def __init__(self, comfd=False):
+        """comfd: the mount arguments arrive as the first record on the
+        device (libpuffs' PUFFS_COMFD convention) instead of a callback."""
         self.sock, dev = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._dev_sock = dev
+        self.expect_mount_record = comfd
         self.device = perfused.PuffsDevice(dev.fileno(), mount=self._mount)
         self.kargs = None
         self.mount_target = None
@@ -272,6 +275,16 @@ class TestKernel:
                     self.closed = True
                     self.cond.notify_all()
                 return
+            if self.expect_mount_record:
+                self.expect_mount_record = False
+                n = struct.unpack_from("<Q", frame)[0]
+                target = frame[8:8 + n - 1].decode()
+                pos = 8 + n
+                n = struct.unpack_from("<Q", frame, pos)[0]
+                pos += 8 + n
+                flags, klen = struct.unpack_from("<iQ", frame, pos)
+                self._mount(target, flags, frame[pos + 12:pos + 12 + klen])
+                continue
             r = Reply(frame)
             with self.cond:
                 cls = r.opclass & 7
@@ -1066,14 +1079,15 @@ class FakeDaemon:
     def answer(self, unique, result):
         if result is None:
             return
-        if isinstance(result, list):           # raw records, sent as given
+        if isinstance(result, int):
+            result = [struct.pack("<IiQ", 16, result, unique)]
+        elif not isinstance(result, list):     # a payload; lists are raw records
+            result = [struct.pack("<IiQ", 16 + len(result), 0, unique) + result]
+        try:
             for rec in result:
                 self.sock.send(rec)
-            return
-        if isinstance(result, int):
-            self.sock.send(struct.pack("<IiQ", 16, result, unique))
-        else:
-            self.sock.send(struct.pack("<IiQ", 16 + len(result), 0, unique) + result)
+        except OSError:
+            pass                                 # the relay is gone, as with real daemons
 
     def seen(self, opcode):
         with self.lock:
@@ -1750,3 +1764,142 @@ def dirent_names(frame, nbytes):
         names.add(frame[pos + 13:pos + 13 + namlen])
         pos += reclen
     return names
+
+
+# ===========================================================================
+# The command line (perfused(8))
+# ===========================================================================
+
+PERFUSED = [sys.executable, os.path.join(HERE, "perfused.py")]
+
+
+@pytest.mark.parametrize("args", [["-h"], ["-x"], ["-d", "bogus"], ["extra"], ["-i", "x"]])
+def test_usage_errors_exit_64_with_the_usage_line(args):
+    r = subprocess.run(PERFUSED + args, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 64
+    assert "usage: perfused [-fs] [-d types] [-i fd]" in r.stderr
+
+
+def test_perfused_dash_i_serves_a_mount_and_writes_a_trace():
+    """perfused -i fd in its own process, the device handed over through
+    PUFFS_COMFD, hello_ll behind it; SIGUSR1 twice writes the trace."""
+    exe = libfuse3_example("hello_ll")
+    k = TestKernel(comfd=True)
+    relay_end, daemon_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    target = "/perfused-test-%d" % os.getpid()
+    daemon_end.sendall(mount_request("/dev/fuse", target, "hello", 0, "fd=3"))
+    dev = k._dev_sock.fileno()
+    env = dict(os.environ, PUFFS_COMFD=str(dev))
+    relay = subprocess.Popen(PERFUSED + ["-i", str(relay_end.fileno()), "-d", "fuse,puffs"],
+                             pass_fds=[relay_end.fileno(), dev], env=env,
+                             stderr=subprocess.PIPE)
+    relay_end.close()
+    k._dev_sock.close()
+    fd = daemon_end.fileno()
+    daemon = subprocess.Popen([exe, "-f", "/dev/fd/%d" % fd], pass_fds=[fd])
+    daemon_end.close()
+    trace = "/var/run/perfused-%s.trace" % target.strip("/")
+    try:
+        assert k.mounted.wait(20)
+        assert k.mount_target == target
+        assert k.kargs[122:136] == b"perfuse|hello\0"
+        relay.send_signal(signal.SIGUSR1)                 # trace on
+        time.sleep(0.2)
+        r = k.lookup(k.root, "hello")
+        assert r.rv == 0 and r.size == 13
+        assert k.getattr(r.newnode).rv == 0
+        relay.send_signal(signal.SIGUSR1)                 # trace off: written
+        assert wait_for(lambda: os.path.exists(trace))
+        text = open(trace).read()
+        assert "LOOKUP" in text and "GETATTR" in text and "in flight: 0" in text
+        assert k.unmount().rv == 0
+        k.close_device()
+        assert relay.wait(20) == 0
+        err = relay.stderr.read().decode()
+        assert "> puffs LOOKUP" in err and "> fuse LOOKUP" in err
+        daemon.wait(20)
+    finally:
+        for p in (relay, daemon):
+            if p.poll() is None:
+                p.kill()
+        if os.path.exists(trace):
+            os.unlink(trace)
+    k.check()
+
+
+# --- more daemon behaviours ---------------------------------------------------
+
+def test_kernel_going_away_sends_destroy_and_closes_the_socket():
+    m = FakeMount()
+    m.k.close_device()                     # no VFS_UNMOUNT: the kernel is gone
+    m.thread.join(10)
+    assert not m.thread.is_alive()
+    assert wait_for(lambda: m.daemon.seen("DESTROY"))
+    assert wait_for(lambda: not m.daemon.thread.is_alive())      # EOF reached it
+
+
+@pytest.mark.parametrize("minor,init_size", [(12, 24), (19, 24), (28, 64), (38, 64)])
+def test_old_and_new_protocol_minors_are_accepted(minor, init_size):
+    tree = {"f": (10, 0o100644, 3)}
+    with FakeMount({"LOOKUP": names_handler(tree), "READ": lambda h, b: b"abc"},
+                   minor=minor, init_size=init_size) as m:
+        c = m.k.lookup(m.k.root, "f").newnode
+        assert m.k.open(c, FREAD).rv == 0
+        assert m.k.read(c, 0, 100).data == b"abc"
+        (h, b), = m.daemon.seen("INIT")
+        assert struct.unpack_from("<II", b) == (7, 31)
+
+
+def test_daemon_speaking_too_old_a_protocol_is_refused():
+    k = TestKernel()
+    relay_end, daemon_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    daemon_end.sendall(mount_request("x", "/mnt", "x", 0, "fd=3"))
+    FakeDaemon(daemon_end, minor=8, init_size=24)
+    assert perfused.serve_connection(relay_end, device=k.device) == 76     # EX_PROTOCOL
+    assert not k.mounted.is_set()
+
+
+def test_create_without_daemon_create_falls_back_to_mknod_and_open():
+    made = {}
+
+    def mknod(h, b):
+        mode = struct.unpack_from("<I", b)[0]
+        made["x"] = mode
+        return fuse_entry(20, mode, 0)
+    with FakeMount({"CREATE": lambda h, b: -errno.ENOSYS, "MKNOD": mknod,
+                    "LOOKUP": names_handler({})}) as m:
+        k = m.k
+        r = k.create(k.root, "x", 0o640)
+        assert r.rv == 0 and r.va["type"] == VREG and r.va["mode"] == 0o640
+        assert made["x"] == stat.S_IFREG | 0o640
+        assert k.create(k.root, "y").rv == 0
+        assert len(m.daemon.seen("CREATE")) == 1           # ENOSYS remembered
+        assert k.open(r.newnode, FWRITE).rv == 0
+        assert m.daemon.seen("OPEN")
+
+
+def test_mount_request_from_a_non_root_caller_is_checked(tmp_path):
+    assert perfused.check_mount_permission(0, "/nonexistent", 0) is None
+    d = tmp_path / "mp"
+    d.mkdir()
+    os.chown(d, 1000, 1000)
+    os.chmod(d, 0o700)
+    assert perfused.check_mount_permission(1000, str(d), 0) is None
+    assert "not owned" in perfused.check_mount_permission(1001, str(d), 0)
+    os.chmod(d, 0o500)
+    assert "permission" in perfused.check_mount_permission(1000, str(d), 0)
+    assert perfused.check_mount_permission(1000, str(d), 0x1) is None      # read-only
+    assert "No such file" in perfused.check_mount_permission(1000, str(d / "x"), 0)
+
+
+def test_malformed_mount_requests_are_refused_cleanly():
+    good = mount_request("src", "/mnt", "fs", 0, "fd=3")
+    for bad in (good[:40], good[:-1], good[:56] + b"x" * (len(good) - 56)):
+        k = TestKernel()
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        b.sendall(bad)
+        assert perfused.serve_connection(a, device=k.device) == 76
+        assert not k.mounted.is_set()
+    req = perfused.MountRequest.parse(good)
+    assert (req.source, req.target, req.fstype, req.data, req.sock) == (
+        "src", "/mnt", "fs", "fd=3", None)
