@@ -1329,23 +1329,23 @@ def op_readdir(relay, req):
         if not payload:
             eof = True
             break
-        pos, full = 0, False
-        while pos < len(payload):
+        pos, full, whole = 0, False, 0
+        lead = ENTRY_OUT_SIZE if plus else 0
+        while pos + lead + DIRENT.size <= len(payload):
+            ino, next_off, namelen, dtype = DIRENT.unpack_from(payload, pos + lead)
+            start = pos + lead + DIRENT.size
+            if start + namelen > len(payload):
+                # libfuse2 cuts its directory buffer anywhere: like Linux,
+                # stop at a partial entry and resume from the last whole one
+                break
+            name = bytes(payload[start:start + namelen])
             if plus:
-                if pos + ENTRY_OUT_SIZE + DIRENT.size > len(payload):
-                    raise FuseError(errno.EPROTO, "truncated READDIRPLUS entry")
                 entry = EntryReply(payload[pos:pos + ENTRY_OUT_SIZE])
-                pos += ENTRY_OUT_SIZE
-            if pos + DIRENT.size > len(payload):
-                raise FuseError(errno.EPROTO, "truncated dirent")
-            ino, next_off, namelen, dtype = DIRENT.unpack_from(payload, pos)
-            name = bytes(payload[pos + DIRENT.size:pos + DIRENT.size + namelen])
-            pos += (DIRENT.size + namelen + 7) & ~7
-            if len(name) != namelen or pos > len(payload) + 7:
-                raise FuseError(errno.EPROTO, "truncated dirent name")
-            if plus and entry.nodeid and name not in (b".", b".."):
-                relay.account_entry(entry)
-                relay.forget_if_unheld(relay.nodes.by_nodeid.get(entry.nodeid))
+                if entry.nodeid and name not in (b".", b".."):
+                    relay.account_entry(entry)
+                    relay.forget_if_unheld(relay.nodes.by_nodeid.get(entry.nodeid))
+            pos = start + ((namelen + DIRENT.size + 7) & ~7) - DIRENT.size
+            whole += 1
             if full:
                 continue
             if not namelen or namelen > NB_MAXNAMLEN or b"/" in name or b"\0" in name:
@@ -1363,6 +1363,9 @@ def op_readdir(relay, req):
             out += reclen
             resid -= reclen
             offset = next_off
+        if not whole:
+            raise FuseError(errno.EPROTO, "READDIR reply of %d bytes holds no whole entry"
+                            % len(payload))
         if full:
             break
     msg.pvnr_offset = offset if offset < (1 << 63) else offset - (1 << 64)

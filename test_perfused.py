@@ -1903,3 +1903,164 @@ def test_malformed_mount_requests_are_refused_cleanly():
     req = perfused.MountRequest.parse(good)
     assert (req.source, req.target, req.fstype, req.data, req.sock) == (
         "src", "/mnt", "fs", "fd=3", None)
+
+
+# ===========================================================================
+# libperfuse.py
+# ===========================================================================
+
+import libperfuse  # noqa: E402
+
+LIBPERFUSE = [sys.executable, os.path.join(HERE, "libperfuse.py")]
+
+
+def test_mount_request_golden_bytes():
+    req = libperfuse.mount_request("/dev/fuse", "/mnt/x", "fuse.sshfs", 0x18, "fd=5,ro")
+    assert req == mount_request("/dev/fuse", "/mnt/x", "fuse.sshfs", 0x18, "fd=5,ro")
+    assert struct.unpack_from("<I", req, 0)[0] == len(req) == 56 + 10 + 7 + 11 + 8
+    assert struct.unpack_from("<i", req, 4)[0] == 0
+    assert struct.unpack_from("<Q", req, 8)[0] == 0xFFFFFFFFFFFFFFFF
+    assert req[16:25] == b"noFuseRq\0" and req[25:28] == b"\0\0\0"
+    assert struct.unpack_from("<IIIIII", req, 28) == (10, 7, 11, 0x18, 8, 0)
+    assert req[52:56] == b"\0" * 4
+    assert req[56:] == b"/dev/fuse\0/mnt/x\0fuse.sshfs\0fd=5,ro\0"
+    # absent strings are skipped and their lengths are 0
+    req = libperfuse.mount_request(None, "/m", None, 0, None, "/tmp/sock")
+    assert struct.unpack_from("<IIIIII", req, 28) == (0, 3, 0, 0, 0, 10)
+    assert req[56:] == b"/m\0/tmp/sock\0"
+    # and perfused reads back what libperfuse wrote
+    parsed = perfused.MountRequest.parse(libperfuse.mount_request("s", "/t", "f", 1, "fd=3"))
+    assert (parsed.source, parsed.target, parsed.fstype, parsed.mountflags, parsed.data) == (
+        "s", "/t", "f", 1, "fd=3")
+
+
+def test_perfuse_mount_errors_are_clear_oserrors(tmp_path):
+    with pytest.raises(OSError) as e:
+        libperfuse.perfuse_mount(None, "/mnt", None, 0, "ro,allow_other")
+    assert e.value.errno == errno.EINVAL and "fd=" in str(e.value)
+    with pytest.raises(OSError) as e:
+        libperfuse.perfuse_mount(None, "/mnt", None, 0, "fd=999")
+    assert "not a socket" in str(e.value)
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    b.close()                                         # perfused vanished
+    with pytest.raises(OSError) as e:
+        libperfuse.perfuse_mount(None, "/mnt", None, 0, "fd=%d" % a.fileno())
+    assert "perfused" in str(e.value)
+    a.close()
+    with pytest.raises(OSError) as e:
+        libperfuse.connect(str(tmp_path / "missing"))
+    assert "mount point" in str(e.value)
+    f = tmp_path / "file"
+    f.write_text("")
+    with pytest.raises(OSError) as e:
+        libperfuse.connect(str(f))
+    assert e.value.errno == errno.ENOTDIR
+
+
+def test_perfuse_open_of_other_paths_is_plain_open(tmp_path):
+    p = tmp_path / "f"
+    p.write_bytes(b"abc")
+    fd = libperfuse.perfuse_open(str(p), os.O_RDONLY)
+    assert os.read(fd, 10) == b"abc"
+    os.close(fd)
+
+
+def relay_processes(marker):
+    """pids of processes whose environment carries marker."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open("/proc/%s/environ" % pid, "rb") as f:
+                if marker.encode() in f.read():
+                    found.append(int(pid))
+        except OSError:
+            pass
+    return found
+
+
+@contextlib.contextmanager
+def perfused_environment(tmp_path):
+    """No perfused listening, and the test kernel's device reachable by
+    perfused through PUFFS_COMFD."""
+    k = TestKernel(comfd=True)
+    marker = "PERFUSE_TEST_MARK=%d-%d" % (os.getpid(), time.monotonic_ns())
+    env = dict(os.environ, PERFUSE_SOCKET=str(tmp_path / "nobody-listens"),
+               PUFFS_COMFD=str(k._dev_sock.fileno()))
+    env[marker.split("=")[0]] = marker.split("=")[1]
+    saved = dict(os.environ)
+    os.environ.update(env)
+    os.set_inheritable(k._dev_sock.fileno(), True)
+    try:
+        yield k, env, marker
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+        k._dev_sock.close()
+
+
+def finish(k, marker, *procs):
+    assert k.unmount().rv == 0
+    k.close_device()
+    for p in procs:
+        try:
+            p.wait(20)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            raise
+    assert wait_for(lambda: not [p for p in relay_processes(marker) if p != os.getpid()]), \
+        "stray processes left behind"
+    k.check()
+
+
+def test_perfuse_open_starts_perfused_when_nobody_listens(tmp_path):
+    exe = libfuse3_example("hello_ll")
+    with perfused_environment(tmp_path) as (k, env, marker):
+        fd = libperfuse.perfuse_open("/dev/fuse", os.O_RDWR)
+        assert libperfuse.perfuse_mount(None, str(tmp_path), None, 0, "fd=%d" % fd) == 0
+        daemon = subprocess.Popen([exe, "-f", "/dev/fd/%d" % fd], pass_fds=[fd], env=env)
+        os.close(fd)
+        assert k.mounted.wait(20)
+        assert k.mount_target == str(tmp_path)
+        assert k.kargs[122:135] == b"perfuse|fuse\0"
+        assert k.kargs[154:164] == b"/dev/fuse\0"
+        r = k.lookup(k.root, "hello")
+        assert r.rv == 0 and read_all(k, r.newnode, 13) == b"Hello World!\n"
+        finish(k, marker, daemon)
+
+
+def test_launcher_runs_a_libfuse3_daemon_on_dev_fd(tmp_path):
+    exe = need("squashfuse")
+    tree = make_tree(tmp_path / "src")
+    img = squashfs_image(tmp_path, tree)
+    (tmp_path / "mnt").mkdir()
+    with perfused_environment(tmp_path) as (k, env, marker):
+        launcher = subprocess.Popen(
+            LIBPERFUSE + ["-t", "squashfuse", "-s", img, str(tmp_path / "mnt"), "--",
+                          exe, "-f", img, "/dev/fd/%d"],
+            pass_fds=[k._dev_sock.fileno()], env=env)
+        assert k.mounted.wait(20)
+        assert k.kargs[122:141] == b"perfuse|squashfuse\0"
+        assert kernel_walk(k, k.root) == host_walk(str(tree))
+        finish(k, marker, launcher)
+
+
+def test_fusermount_standin_serves_a_libfuse2_daemon(tmp_path):
+    exe = need("bindfs")
+    tree = make_tree(tmp_path / "src")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with perfused_environment(tmp_path) as (k, env, marker):
+        daemon = subprocess.Popen(
+            LIBPERFUSE + [str(mnt), "--", exe, "-f", "-o", "auto_unmount", str(tree), str(mnt)],
+            pass_fds=[k._dev_sock.fileno()], env=env)
+        assert k.mounted.wait(20), "no mount"
+        assert k.mount_target == str(mnt)
+        assert kernel_walk(k, k.root) == host_walk(str(tree))
+        finish(k, marker, daemon)
+
+
+def test_launcher_usage():
+    r = subprocess.run(LIBPERFUSE + ["/mnt"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 64 and "usage: libperfuse.py" in r.stderr
