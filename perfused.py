@@ -2332,7 +2332,13 @@ def read_mount_request(sock, timeout=30.0):
         sock.settimeout(None)
     if not record:
         raise ValueError("connection closed before the mount request")
-    return MountRequest.parse(record), peer_credentials(sock, ancdata)
+    creds = peer_credentials(sock, ancdata)
+    if IS_NETBSD:
+        try:
+            sock.setsockopt(0, 4, 0)     # LOCAL_CREDS off: only the first message
+        except OSError:
+            pass
+    return MountRequest.parse(record), creds
 
 
 def check_mount_permission(uid, target, mountflags):
@@ -2613,12 +2619,14 @@ def listen_forever(debug, trace, foreground):
     try:
         listener.bind(path)
         os.chmod(path, 0o666)
+        if IS_NETBSD:
+            # SOL_LOCAL, LOCAL_CREDS: accepted sockets inherit it, so the
+            # first message of each connection carries SCM_CREDS
+            listener.setsockopt(0, 4, 1)
         listener.listen(16)
     except OSError as e:
         LOG.error("%s: %s", path, e.strerror)
         return EX_OSERR
-    if IS_NETBSD:
-        listener.setsockopt(0, 4, 1)          # SOL_LOCAL, LOCAL_CREDS
     if not foreground:
         daemonize()
     signal.signal(signal.SIGCHLD, lambda *_: reap_children())

@@ -2064,3 +2064,21 @@ def test_fusermount_standin_serves_a_libfuse2_daemon(tmp_path):
 def test_launcher_usage():
     r = subprocess.run(LIBPERFUSE + ["/mnt"], capture_output=True, text=True, timeout=30)
     assert r.returncode == 64 and "usage: libperfuse.py" in r.stderr
+
+
+def test_real_daemon_killed_mid_request(passthrough):
+    (passthrough.backing / "f").write_bytes(b"data")
+    m = passthrough()
+    k = m.k
+    c = k.lookup(k.root, "f").newnode
+    os.killpg(m.proc.pid, signal.SIGSTOP)
+    rid = k.send(OPCLASS_VN, VN["GETATTR"], c, kcred() + bytes(4) + vattr() + bytes(16), wait=False)
+    time.sleep(0.2)
+    os.killpg(m.proc.pid, signal.SIGKILL)
+    os.killpg(m.proc.pid, signal.SIGCONT)
+    assert k.wait(rid).rv == NB["ENXIO"]
+    assert wait_for(lambda: any(f.opclass & 7 == OPCLASS_UNMOUNT for f in k.server_frames))
+    assert k.lookup(k.root, "f").rv == NB["ENXIO"]
+    assert k.unmount(0x80000).rv == 0
+    m.stop(unmount=False)
+    assert m.result == 0
