@@ -83,12 +83,15 @@ def _set_buffers(sock, size):
 
 
 def _perfused_command():
+    """perfused.py next to this module (run with this Python), else an
+    installed perfused: on PATH, under sys.prefix, or NetBSD's own."""
     here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "perfused.py")
     if os.path.exists(here):
         return [sys.executable, here]
-    found = shutil.which("perfused")
-    if found:
-        return [sys.executable, found]
+    for found in (shutil.which("perfused"), os.path.join(sys.prefix, "sbin", "perfused"),
+                  "/usr/sbin/perfused"):
+        if found and os.access(found, os.X_OK):
+            return [found]
     raise OSError(errno.ENOENT, "perfused not found next to libperfuse.py or on PATH")
 
 

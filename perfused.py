@@ -1832,8 +1832,11 @@ class Relay:
             inflight.fuse = freq
             self.inflight[unique] = inflight
         if self.debug.fuse:
-            LOG.debug("> fuse %s unique %d nodeid %#x len %d",
-                      FUSE_OPNAMES.get(freq.opcode, freq.opcode), unique, freq.nodeid, len(record))
+            why = inflight.req.op.name if inflight and inflight.req else (
+                inflight.detached if inflight else "no reply")
+            LOG.debug("> fuse %s unique %d nodeid %#x len %d (for %s)",
+                      FUSE_OPNAMES.get(freq.opcode, freq.opcode), unique, freq.nodeid,
+                      len(record), why)
         try:
             self.channel.send(record)
         except MessageTooLong:
@@ -2006,7 +2009,7 @@ class Relay:
         if self.debug.puffs:
             LOG.debug("> puffs %s id %d cookie %#x%s", op.name, hdr.preq_id,
                       hdr.preq_cookie, " FAF" if faf else "")
-        if self.trace is not None and self.trace.enabled:
+        if self.debug.puffs or self.trace is not None and self.trace.enabled:
             req.started = time.monotonic()
         try:
             result = op.run(self, req)
@@ -2062,10 +2065,13 @@ class Relay:
 
     def finish(self, req, nb_errno, length):
         hdr = req.hdr
-        if self.trace is not None and self.trace.enabled and req.started:
-            self.trace.record(req.op.name, time.monotonic() - req.started)
-        if self.debug.puffs:
-            LOG.debug("< puffs %s id %d rv %d", req.op.name, hdr.preq_id, nb_errno)
+        if req.started:
+            elapsed = time.monotonic() - req.started
+            if self.trace is not None and self.trace.enabled:
+                self.trace.record(req.op.name, elapsed)
+            if self.debug.puffs:
+                LOG.debug("< puffs %s id %d rv %d (%.3f ms)", req.op.name, hdr.preq_id,
+                          nb_errno, elapsed * 1e3)
         if req.faf:
             if nb_errno:
                 level = logging.ERROR if req.op.name in ("WRITE", "SETATTR") else logging.INFO
