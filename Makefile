@@ -16,6 +16,9 @@ test:
 demo:
 	$(PYTHON) test_perfused.py demo
 
+bench:
+	$(PYTHON) test_perfused.py bench
+
 install:
 	@python=`$(PYTHON) -c 'import sys; print(sys.executable)'`; \
 	site="$(PYSITELIB)"; \
@@ -50,4 +53,4 @@ uninstall:
 clean:
 	rm -rf __pycache__ .pytest_cache
 
-.PHONY: test demo install uninstall clean
+.PHONY: test demo bench install uninstall clean

@@ -222,6 +222,7 @@ PUFFS_OPEN_IO_DIRECT = 0x1
 PUFFS_EXTATTR_LIST_LENPREFIX = 0x1
 PUFFS_INVAL_NAMECACHE_DIR, PUFFS_INVAL_PAGECACHE_NODE_RANGE = 1, 3
 PUFFS_MSG_MAXSIZE = 2 * 65536
+MAX_REPLY_BUFFER = 64 << 20           # sanity bound on a kernel's preq_buflen
 PUFFCRED_TYPE_UUC = 1
 VA_UTIMES_NULL, VA_EXCLUSIVE = 0x1, 0x2
 FSYNC_DATAONLY = 0x2
@@ -493,10 +494,24 @@ class FuseRequest:
         self.min_reply = min_reply          # shorter non-error replies are EPROTO
 
     def pack(self, unique):
+        """The record as a list of buffers (sent with one sendmsg, so a
+        WRITE's data is not copied into a joined record)."""
         length = IN_HEADER.size + sum(len(p) for p in self.parts)
-        head = IN_HEADER.pack(length, self.opcode, unique, self.nodeid,
-                              self.uid, self.gid, self.pid)
-        return b"".join((head,) + tuple(self.parts))
+        return [IN_HEADER.pack(length, self.opcode, unique, self.nodeid,
+                               self.uid, self.gid, self.pid)] + list(self.parts)
+
+
+class Gather:
+    """Several FUSE requests in flight at once for one translator (the
+    chunks of a large READ or WRITE): the yield returns, in order, each
+    reply's payload (bytes) or the FuseError it failed with."""
+
+    __slots__ = ("requests", "results", "left")
+
+    def __init__(self, requests):
+        self.requests = requests
+        self.results = [None] * len(requests)
+        self.left = len(requests)
 
 
 def timespec_of(sec, nsec):
@@ -515,7 +530,9 @@ class PuffsDevice:
     kernel mount and defaults to libc's __mount50 on NetBSD.
     """
 
-    READ_SIZE = 256 * 1024 + 4096
+    # NetBSD frames are at most PUFFS_MSG_MAXSIZE (128 KiB); a stand-in may
+    # send larger ones, up to this.
+    READ_SIZE = 4 * 1024 * 1024 + 4096
 
     def __init__(self, fd=None, mount=None):
         if fd is None:
@@ -523,6 +540,7 @@ class PuffsDevice:
         self.fd = fd
         self.mount = mount or netbsd_mount
         self._outq = []
+        self._buf = None
 
     def fileno(self):
         return self.fd
@@ -530,17 +548,19 @@ class PuffsDevice:
     def read_frame(self):
         """One kernel frame, or None when nothing is queued.  Raises EOFError
         when the mount is gone (ENXIO/ENOENT, or EOF on a stand-in)."""
+        if self._buf is None:
+            self._buf = bytearray(self.READ_SIZE)
         try:
-            frame = os.read(self.fd, self.READ_SIZE)
+            n = os.readv(self.fd, [self._buf])
         except BlockingIOError:
             return None
         except OSError as e:
             if e.errno in (errno.ENXIO, errno.ENOENT, errno.EBADF, errno.ECONNRESET):
                 raise EOFError(e.strerror) from e
             raise
-        if not frame:
+        if not n:
             raise EOFError("device closed")
-        return frame
+        return bytes(memoryview(self._buf)[:n])
 
     def write_frame(self, frame):
         """Queue a frame; returns True when everything queued is written."""
@@ -559,6 +579,10 @@ class PuffsDevice:
                 raise
             self._outq.pop(0)
         return True
+
+    def drop_pending(self, frame):
+        if self._outq and self._outq[0] is frame:
+            self._outq.pop(0)
 
     @property
     def pending_output(self):
@@ -599,6 +623,9 @@ def netbsd_mount(target, flags, kargs):
         raise OSError(err, "mount puffs on %s: %s" % (target, os.strerror(err)))
 
 
+SEND_FLAGS = getattr(socket, "MSG_NOSIGNAL", 0)
+
+
 class FuseChannel:
     """The daemon side: an AF_UNIX SOCK_SEQPACKET socket, one message per
     record, replies reassembled by out_header.len, non-blocking with a queue."""
@@ -625,7 +652,8 @@ class FuseChannel:
         return self.sock.fileno()
 
     def send(self, record):
-        """Queue one record.  Returns False when output is blocked; raises
+        """Queue one record (a list of buffers).  Returns False when output
+        is blocked; raises
         EOFError when the daemon is gone and OSError(EMSGSIZE) for a record
         that can never fit."""
         self._outq.append(record)
@@ -634,7 +662,7 @@ class FuseChannel:
     def flush(self):
         while self._outq:
             try:
-                self.sock.send(self._outq[0], socket.MSG_NOSIGNAL if hasattr(socket, "MSG_NOSIGNAL") else 0)
+                self.sock.sendmsg(self._outq[0], (), SEND_FLAGS)
             except (BlockingIOError, InterruptedError):
                 return False
             except OSError as e:
@@ -707,7 +735,7 @@ class ProtocolError(Exception):
 
 class MessageTooLong(Exception):
     def __init__(self, record):
-        super().__init__("record of %d bytes does not fit the channel" % len(record))
+        super().__init__("record of %d bytes does not fit the channel" % sum(map(len, record)))
         self.record = record
 
 
@@ -762,6 +790,7 @@ class NodeTable:
         self.by_cookie = {}
         self.by_nodeid = {}
         self._next_cookie = self.ROOT_COOKIE + 1
+        self._high_water = 0
         self.root = self._add(FUSE_ROOT_ID, self.ROOT_COOKIE)
 
     def _add(self, nodeid, cookie):
@@ -786,6 +815,15 @@ class NodeTable:
         self.by_cookie.pop(node.cookie, None)
         if self.by_nodeid.get(node.nodeid) is node:
             del self.by_nodeid[node.nodeid]
+        # dicts never shrink by themselves: rebuild them once most of a big
+        # table is gone, so memory comes back after the kernel reclaims
+        size = len(self.by_cookie)
+        if size > self._high_water:
+            self._high_water = size
+        elif self._high_water > 1024 and size < self._high_water // 8:
+            self.by_cookie = dict(self.by_cookie)
+            self.by_nodeid = dict(self.by_nodeid)
+            self._high_water = size
 
     def __len__(self):
         return len(self.by_cookie)
@@ -804,10 +842,11 @@ class NodeTable:
 class PuffsRequest:
     """A kernel request being served: its frame, reply buffer and views."""
 
-    __slots__ = ("reply", "msg", "hdr", "op", "node", "faf", "started", "unique")
+    __slots__ = ("reply", "frame", "msg", "hdr", "op", "node", "faf", "started", "unique")
 
-    def __init__(self, reply, op, node):
+    def __init__(self, reply, op, node, frame=b""):
         self.reply = reply
+        self.frame = frame
         self.op = op
         self.msg = op.layout.from_buffer(reply)
         self.hdr = self.msg.pr
@@ -1214,51 +1253,67 @@ def op_read(relay, req):
         raise PuffsError(E.EISDIR)
     offset, resid = msg.pvnr_offset, msg.pvnr_resid
     data_off = MsgRw.pvnr_data.offset
+    if data_off + resid + 4 > len(req.reply):
+        raise PuffsError(E.EINVAL, "READ resid beyond its buffer")
+    # At or past the known end of file: 0 bytes without asking (some
+    # daemons say EIO there).  Otherwise ask for what the known size
+    # covers, at least one chunk (the file may have grown), in chunks the
+    # daemon takes, all in flight at once.
+    want = min(resid, max(node.size - offset, relay.max_read)) if offset < node.size else 0
     done = 0
     node.busy += 1
     try:
-        # At or past the known end of file: 0 bytes (some daemons say EIO).
-        while resid > 0 and offset + done < node.size:
+        if want:
             fh = yield from handle_for(relay, req, node, FREAD)
-            chunk = min(resid, relay.max_read)
-            payload = yield FuseRequest(F.READ, node.nodeid,
-                                        (READ_IN.pack(fh, offset + done, chunk, 0, 0, 0, 0),),
-                                        req.cred(msg.pvnr_cred))
-            n = len(payload)
-            if n > chunk:
-                raise FuseError(errno.EPROTO, "READ returned more than asked")
-            req.reply[data_off + done:data_off + done + n] = payload
-            done += n
-            resid -= n
-            if n < chunk:
-                break
+            cred = req.cred(msg.pvnr_cred)
+            chunks = [(offset + pos, min(relay.max_read, want - pos))
+                      for pos in range(0, want, relay.max_read)]
+            results = yield Gather([FuseRequest(F.READ, node.nodeid,
+                                                (READ_IN.pack(fh, off, size, 0, 0, 0, 0),), cred)
+                                    for off, size in chunks])
+            for (off, size), got in zip(chunks, results):
+                if isinstance(got, FuseError):
+                    if done:
+                        break            # a short read up to the failure
+                    raise got
+                n = len(got)
+                if n > size:
+                    raise FuseError(errno.EPROTO, "READ returned more than asked")
+                req.reply[data_off + done:data_off + done + n] = got
+                done += n
+                if n < size:
+                    break
     finally:
         relay.unbusy(node)
-    msg.pvnr_resid = resid
-    return MsgRw.pvnr_data.offset + done + 4 if done else c.sizeof(MsgRw)
+    msg.pvnr_resid = resid - done
+    return data_off + done + 4 if done else c.sizeof(MsgRw)
 
 
 def op_write(relay, req):
     msg, node = req.msg, req.node
     offset, resid = msg.pvnr_offset, msg.pvnr_resid
-    data = memoryview(req.reply)[MsgRw.pvnr_data.offset:]
+    data = memoryview(req.frame)[MsgRw.pvnr_data.offset:]
     if resid > len(data):
         raise PuffsError(E.EINVAL, "WRITE resid beyond its frame")
     done = 0
     node.busy += 1
     try:
-        while resid > 0:
+        if resid:
             fh = yield from handle_for(relay, req, node, FWRITE)
-            chunk = min(resid, relay.max_write)
-            body = WRITE_IN.pack(fh, offset + done, chunk, 0, 0, 0, 0)
-            payload = yield FuseRequest(F.WRITE, node.nodeid,
-                                        (body, data[done:done + chunk]),
-                                        req.cred(msg.pvnr_cred), WRITE_OUT.size)
-            n = WRITE_OUT.unpack_from(payload)[0]
-            if n == 0 or n > chunk:
-                raise FuseError(errno.EIO, "WRITE answered %d of %d bytes" % (n, chunk))
-            done += n
-            resid -= n
+            cred = req.cred(msg.pvnr_cred)
+            chunks = [(pos, min(relay.max_write, resid - pos))
+                      for pos in range(0, resid, relay.max_write)]
+            results = yield Gather([FuseRequest(
+                F.WRITE, node.nodeid, (WRITE_IN.pack(fh, offset + pos, size, 0, 0, 0, 0),
+                                       data[pos:pos + size]), cred, WRITE_OUT.size)
+                for pos, size in chunks])
+            for (pos, size), got in zip(chunks, results):
+                if isinstance(got, FuseError):
+                    raise got
+                n = WRITE_OUT.unpack_from(got)[0]
+                done += min(n, size)
+                if n != size:
+                    raise FuseError(errno.EIO, "WRITE answered %d of %d bytes" % (n, size))
     finally:
         relay.unbusy(node)
         node.size = max(node.size, offset + done)
@@ -1296,17 +1351,21 @@ def op_nothing(relay, req):
 
 # --- directories ----------------------------------------------------------------
 
+NB_DIRENT_PAD = [bytes(n) for n in range(8 + 1)]
+
+
 def op_readdir(relay, req):
     """Stream a directory: the kernel's offset is the FUSE offset of the next
-    entry, so nothing is buffered between calls and no entry is fetched twice
-    unless it did not fit."""
+    entry, so nothing is buffered between calls; the daemon is asked for
+    about as many bytes as fit the kernel's buffer once converted."""
     msg, node = req.msg, req.node
     resid = msg.pvnr_resid
     base = MsgReaddir.pvnr_data.offset + msg.pvnr_dentoff
     if base + resid > len(req.reply):
         raise PuffsError(E.EINVAL, "READDIR resid beyond its buffer")
     offset = msg.pvnr_offset
-    out = base
+    out = []                     # converted NetBSD dirents
+    produced = 0
     eof = False
     plus = relay.readdirplus_only
     fh = node.rfh
@@ -1314,7 +1373,7 @@ def op_readdir(relay, req):
         yield from _open(relay, node, FREAD, req.cred(msg.pvnr_cred))
         fh = node.rfh
     while resid >= nb_dirent_reclen(1) and not eof:
-        size = min(max(4096, resid * 2), relay.max_read)
+        size = min(relay.max_read, max(4096, int(resid * relay.readdir_ratio) + 1024))
         opcode = F.READDIRPLUS if plus else F.READDIR
         try:
             payload = yield FuseRequest(opcode, node.nodeid,
@@ -1329,12 +1388,13 @@ def op_readdir(relay, req):
         if not payload:
             eof = True
             break
-        pos, full, whole = 0, False, 0
+        pos, full, whole, used, made = 0, False, 0, 0, 0
         lead = ENTRY_OUT_SIZE if plus else 0
-        while pos + lead + DIRENT.size <= len(payload):
+        end = len(payload)
+        while pos + lead + DIRENT.size <= end:
             ino, next_off, namelen, dtype = DIRENT.unpack_from(payload, pos + lead)
             start = pos + lead + DIRENT.size
-            if start + namelen > len(payload):
+            if start + namelen > end:
                 # libfuse2 cuts its directory buffer anywhere: like Linux,
                 # stop at a partial entry and resume from the last whole one
                 break
@@ -1344,7 +1404,7 @@ def op_readdir(relay, req):
                 if entry.nodeid and name not in (b".", b".."):
                     relay.account_entry(entry)
                     relay.forget_if_unheld(relay.nodes.by_nodeid.get(entry.nodeid))
-            pos = start + ((namelen + DIRENT.size + 7) & ~7) - DIRENT.size
+            pos = start + ((namelen + 7) & ~7)
             whole += 1
             if full:
                 continue
@@ -1356,22 +1416,26 @@ def op_readdir(relay, req):
             if reclen > resid:
                 full = True
                 continue
-            NB_DIRENT.pack_into(req.reply, out, ino or 0xFFFFFFFF, reclen, namelen, dtype & 0xFF)
-            start = out + NB_DIRENT.size
-            req.reply[start:start + namelen] = name
-            req.reply[start + namelen:out + reclen] = bytes(reclen - NB_DIRENT.size - namelen)
-            out += reclen
+            out.append(NB_DIRENT.pack(ino or 0xFFFFFFFF, reclen, namelen, dtype & 0xFF) + name
+                       + NB_DIRENT_PAD[reclen - NB_DIRENT.size - namelen])
             resid -= reclen
+            made += reclen
+            used = pos
             offset = next_off
         if not whole:
             raise FuseError(errno.EPROTO, "READDIR reply of %d bytes holds no whole entry"
                             % len(payload))
+        if made:
+            relay.readdir_ratio = used / made
+            produced += made
         if full:
             break
+    data = b"".join(out)
+    req.reply[base:base + produced] = data
     msg.pvnr_offset = offset if offset < (1 << 63) else offset - (1 << 64)
     msg.pvnr_resid = resid
     msg.pvnr_eofflag = 1 if eof else 0
-    return out
+    return base + produced
 
 
 def op_readlink(relay, req):
@@ -1556,7 +1620,9 @@ def op_setextattr(relay, req):
     _check_system_ns(req)
     name = xattr_name(msg.pvnr_attrnamespace, bytes(msg.pvnr_attrname))
     base = MsgSetextattr.pvnr_data.offset
-    value = bytes(req.reply[base:base + msg.pvnr_resid])
+    value = bytes(req.frame[base:base + msg.pvnr_resid])
+    if len(value) != msg.pvnr_resid:
+        raise PuffsError(E.EINVAL, "SETEXTATTR resid beyond its frame")
     yield from _xattr_op(relay, req, F.SETXATTR,
                          (XATTR_SIZE.pack(len(value), 0), name, b"\0", value))
     msg.pvnr_resid = 0
@@ -1649,10 +1715,11 @@ def op_poll(relay, req):
 class Op:
     """One row of the PUFFS op table."""
 
-    __slots__ = ("name", "layout", "run", "needs_node")
+    __slots__ = ("name", "layout", "run", "needs_node", "data_in")
 
     def __init__(self, name, layout, run, needs_node=True):
         self.name, self.layout, self.run, self.needs_node = name, layout, run, needs_node
+        self.data_in = name in ("WRITE", "SETEXTATTR")
 
 
 VN, VFS = PUFFSOP_VN, PUFFSOP_VFS
@@ -1708,10 +1775,14 @@ DEFAULT_VNOPS = {name for (cls, _), op in OPS.items() if cls == VN
 # ---------------------------------------------------------------------------
 
 class InFlight:
-    __slots__ = ("gen", "req", "fuse", "detached")
+    """A FUSE request awaiting its reply: the translator to resume, or a
+    detached request whose reply is only logged, or one member of a Gather."""
 
-    def __init__(self, gen, req, fuse, detached=None):
+    __slots__ = ("gen", "req", "fuse", "detached", "gather", "index")
+
+    def __init__(self, gen, req, fuse, detached=None, gather=None, index=0):
         self.gen, self.req, self.fuse, self.detached = gen, req, fuse, detached
+        self.gather, self.index = gather, index
 
 
 class Relay:
@@ -1738,6 +1809,7 @@ class Relay:
         self.max_read = self.max_write = 4096
         self.daemon_readdirplus = False
         self.readdirplus_only = False
+        self.readdir_ratio = 1.5          # FUSE bytes per NetBSD dirent byte, as last seen
         self.namemax = None
         self.mount_flags = 0
         self.owner_uid = 0
@@ -1836,13 +1908,13 @@ class Relay:
                 inflight.detached if inflight else "no reply")
             LOG.debug("> fuse %s unique %d nodeid %#x len %d (for %s)",
                       FUSE_OPNAMES.get(freq.opcode, freq.opcode), unique, freq.nodeid,
-                      len(record), why)
+                      sum(map(len, record)), why)
         try:
             self.channel.send(record)
         except MessageTooLong:
             self.inflight.pop(unique, None)
             LOG.error("%s of %d bytes does not fit the socket buffer",
-                      FUSE_OPNAMES.get(freq.opcode), len(record))
+                      FUSE_OPNAMES.get(freq.opcode), sum(map(len, record)))
             raise FuseError(errno.EMSGSIZE)
         except EOFError:
             self.inflight.pop(unique, None)
@@ -1896,15 +1968,15 @@ class Relay:
             return
         if err > 0 or err < -4095:
             LOG.error("%s: malformed error %d in reply", FUSE_OPNAMES.get(inflight.fuse.opcode), err)
-            self.resume(inflight, exc=FuseError(errno.EPROTO))
+            self.deliver(inflight, exc=FuseError(errno.EPROTO))
         elif err < 0:
-            self.resume(inflight, exc=FuseError(-err))
+            self.deliver(inflight, exc=FuseError(-err))
         elif len(payload) < inflight.fuse.min_reply:
             LOG.error("%s: reply of %d bytes, %d expected",
                       FUSE_OPNAMES.get(inflight.fuse.opcode), len(payload), inflight.fuse.min_reply)
-            self.resume(inflight, exc=FuseError(errno.EPROTO))
+            self.deliver(inflight, exc=FuseError(errno.EPROTO))
         else:
-            self.resume(inflight, value=payload)
+            self.deliver(inflight, value=payload)
 
     def on_notification(self, code, payload):
         """Daemon-initiated cache invalidation becomes a PUFFSOP_FLUSH."""
@@ -1956,9 +2028,8 @@ class Relay:
         LOG.warning("file system daemon gone (%s): unmounting", why)
         self.daemon_gone = True
         for unique, inflight in sorted(self.inflight.items()):
-            del self.inflight[unique]
-            if inflight.gen is not None:
-                self.resume(inflight, exc=FuseError(errno.ENXIO))
+            if self.inflight.pop(unique, None) is not None and inflight.gen is not None:
+                self.deliver(inflight, exc=FuseError(errno.ENXIO))
         self.request_unmount()
 
     # --- kernel side -------------------------------------------------------
@@ -1968,6 +2039,18 @@ class Relay:
             self.device.write_frame(frame)
         except EOFError:
             self.kernel_gone = True
+        except OSError as e:
+            # The frame cannot be written (a stand-in device with small
+            # buffers): the kernel still gets one answer, an error.
+            self.device.drop_pending(frame)
+            hdr = PuffsReq.from_buffer_copy(bytes(frame[:c.sizeof(PuffsReq)]))
+            LOG.error("writing a %d-byte frame to the kernel: %s", len(frame), e.strerror)
+            if hdr.preq_opclass & PUFFSOPFLAG_ISRESPONSE and len(frame) > c.sizeof(PuffsReq):
+                short = bytearray(frame[:c.sizeof(PuffsReq)])
+                out = PuffsReq.from_buffer(short)
+                out.preq_framelen, out.preq_rv = len(short), E.EIO
+                del out
+                self.write_kernel(short)
 
     def on_kernel_frame(self, frame):
         if len(frame) < c.sizeof(PuffsReq):
@@ -1976,6 +2059,11 @@ class Relay:
         hdr = PuffsReq.from_buffer_copy(frame[:c.sizeof(PuffsReq)])
         opclass = hdr.preq_opclass
         cls = opclass & PUFFSOP_OPCMASK
+        if hdr.preq_framelen != len(frame):
+            LOG.error("kernel frame of %d bytes says %d: refused", len(frame), hdr.preq_framelen)
+            if not opclass & PUFFSOPFLAG_FAF and len(frame) >= c.sizeof(PuffsReq):
+                self.reply_error(frame[:c.sizeof(PuffsReq)], E.EINVAL)
+            return
         if opclass & PUFFSOPFLAG_ISRESPONSE:
             # The kernel's answer to a FLUSH or UNMOUNT request of ours.
             self.pending_flushes.discard(hdr.preq_id)
@@ -1994,9 +2082,16 @@ class Relay:
             if not faf:
                 self.reply_error(frame, E.EOPNOTSUPP)
             return
-        size = max(len(frame), min(hdr.preq_buflen, PUFFS_MSG_MAXSIZE + 8192), c.sizeof(op.layout))
-        reply = bytearray(size)
-        reply[:len(frame)] = frame
+        # The reply buffer is what the kernel allocated (preq_buflen); the
+        # real kernel never exceeds PUFFS_MSG_MAXSIZE, a stand-in may.
+        size = max(len(frame), min(hdr.preq_buflen, MAX_REPLY_BUFFER), c.sizeof(op.layout))
+        if op.data_in:
+            # data flows in only (WRITE, SETEXTATTR): the reply is the fixed
+            # part; the data is read from the frame itself
+            reply = bytearray(frame[:c.sizeof(op.layout)])
+        else:
+            reply = bytearray(size)
+            reply[:len(frame)] = frame
         node = None
         if op.needs_node:
             node = self.nodes.get(hdr.preq_cookie)
@@ -2005,7 +2100,7 @@ class Relay:
                 if not faf:
                     self.reply_error(frame, E.ENOENT)
                 return
-        req = PuffsRequest(reply, op, node)
+        req = PuffsRequest(reply, op, node, frame)
         if self.debug.puffs:
             LOG.debug("> puffs %s id %d cookie %#x%s", op.name, hdr.preq_id,
                       hdr.preq_cookie, " FAF" if faf else "")
@@ -2026,8 +2121,9 @@ class Relay:
             self.finish(req, 0, result)
 
     def reply_error(self, frame, nb_errno):
-        hdr = PuffsReq.from_buffer_copy(frame[:c.sizeof(PuffsReq)])
-        reply = bytearray(frame[:hdr.preq_buflen] if hdr.preq_buflen <= len(frame) else frame)
+        """Answer a request with an error alone: its header (56 bytes never
+        exceed preq_buflen) with preq_rv set."""
+        reply = bytearray(frame[:c.sizeof(PuffsReq)])
         out = PuffsReq.from_buffer(reply)
         out.preq_rv = nb_errno
         out.preq_opclass |= PUFFSOPFLAG_ISRESPONSE
@@ -2057,11 +2153,33 @@ class Relay:
                 LOG.exception("%s failed", req.op.name)
                 self.finish(req, E.EIO, None)
                 return
+            if isinstance(freq, Gather):
+                for i, member in enumerate(freq.requests):
+                    try:
+                        self.send_fuse(member, InFlight(gen, req, member, gather=freq, index=i))
+                    except FuseError as e:
+                        freq.results[i] = e
+                        freq.left -= 1
+                if freq.left:
+                    return
+                value = freq.results
+                continue
             try:
                 req.unique = self.send_fuse(freq, InFlight(gen, req, freq))
                 return
             except FuseError as e:
                 value, exc = None, e
+
+    def deliver(self, inflight, value=None, exc=None):
+        """A reply (or failure) for an in-flight request of a translator."""
+        gather = inflight.gather
+        if gather is None:
+            self.resume(inflight, value, exc)
+            return
+        gather.results[inflight.index] = exc if exc is not None else bytes(value)
+        gather.left -= 1
+        if gather.left == 0:
+            self.resume(inflight, gather.results)
 
     def finish(self, req, nb_errno, length):
         hdr = req.hdr
@@ -2090,10 +2208,9 @@ class Relay:
         # Never answer with more than the kernel allocated: it would wedge.
         length = min(length, hdr.preq_buflen, len(req.reply))
         hdr.preq_framelen = length
-        frame = bytes(memoryview(req.reply)[:length])
         del hdr
         req.msg = req.hdr = None
-        self.write_kernel(frame)
+        self.write_kernel(memoryview(req.reply)[:length])
 
     def describe_inflight(self):
         return ["%s unique %d nodeid %#x%s" % (
@@ -2184,7 +2301,7 @@ class Relay:
                 LOG.error("malformed FUSE reply: %s", e)
                 inflight = self.inflight.pop(e.unique, None) if e.unique else None
                 if inflight is not None and inflight.gen is not None:
-                    self.resume(inflight, exc=FuseError(errno.EIO))
+                    self.deliver(inflight, exc=FuseError(errno.EIO))
                 continue
             if got is None:
                 if not self.channel._partial:
@@ -2195,8 +2312,9 @@ class Relay:
     def shutdown(self):
         """Teardown after the loop: answer what is still waiting."""
         for unique, inflight in sorted(self.inflight.items()):
-            if inflight.gen is not None and not self.kernel_gone:
-                self.resume(inflight, exc=FuseError(errno.ENXIO))
+            if self.inflight.pop(unique, None) is not None and inflight.gen is not None \
+                    and not self.kernel_gone:
+                self.deliver(inflight, exc=FuseError(errno.ENXIO))
         self.inflight.clear()
 
 
@@ -2347,6 +2465,20 @@ def read_mount_request(sock, timeout=30.0):
     return MountRequest.parse(record), creds
 
 
+def mount_option_max_read(data, default):
+    """max_read=N among the mount options (the FUSE mount option): the
+    largest READ reply the daemon's socket buffer takes.  Without it,
+    128 KiB, which a default-sized socket carries and which the NetBSD
+    kernel never exceeds anyway."""
+    for opt in (data or "").split(","):
+        if opt.startswith("max_read="):
+            try:
+                return max(4096, min(int(opt[9:], 0), 16 << 20))
+            except ValueError:
+                LOG.warning("ignoring mount option %r", opt)
+    return default
+
+
 def check_mount_permission(uid, target, mountflags):
     """root mounts anywhere; others on a directory they own with read (and
     write unless read-only) permission.  Returns None or the reason."""
@@ -2373,7 +2505,7 @@ def fuse_exchange(channel, relay, freq, timeout=30.0):
     unique = relay.unique
     channel.sock.settimeout(timeout)
     try:
-        channel.sock.sendall(freq.pack(unique))
+        channel.sock.sendmsg(freq.pack(unique))
         deadline = time.monotonic() + timeout
         while True:
             if time.monotonic() > deadline:
@@ -2478,6 +2610,7 @@ def serve_connection(sock, device=None, **options):
         channel = FuseChannel(sock, options.get("bufsize"))
         relay = Relay(device, channel, options)
         relay.mount_flags, relay.owner_uid = flags, uid
+        relay.max_read_cap = mount_option_max_read(mreq.data, relay.max_read_cap)
         if relay.trace is not None:
             relay.trace.target = mreq.target
             relay.trace.inflight = relay.describe_inflight
@@ -2509,7 +2642,7 @@ def serve_connection(sock, device=None, **options):
         if relay is not None and not relay.daemon_gone and not relay.unmounting:
             try:     # the kernel went away without an UNMOUNT: tell the daemon
                 channel.sock.setblocking(True)
-                channel.sock.send(FuseRequest(F.DESTROY, FUSE_ROOT_ID).pack(relay.unique + 1))
+                channel.sock.sendmsg(FuseRequest(F.DESTROY, FUSE_ROOT_ID).pack(relay.unique + 1))
             except OSError:
                 pass
         try:
