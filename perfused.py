@@ -504,7 +504,8 @@ class FuseRequest:
 class Gather:
     """Several FUSE requests in flight at once for one translator (the
     chunks of a large READ or WRITE): the yield returns, in order, each
-    reply's payload (bytes) or the FuseError it failed with."""
+    reply's payload (valid until the translator's next yield) or the
+    FuseError it failed with."""
 
     __slots__ = ("requests", "results", "left")
 
@@ -2176,8 +2177,13 @@ class Relay:
         if gather is None:
             self.resume(inflight, value, exc)
             return
-        gather.results[inflight.index] = exc if exc is not None else bytes(value)
         gather.left -= 1
+        # payloads live in the channel's buffer until its next receive: the
+        # last one to arrive is used in place, earlier ones are copied
+        if exc is not None:
+            gather.results[inflight.index] = exc
+        else:
+            gather.results[inflight.index] = value if gather.left == 0 else bytes(value)
         if gather.left == 0:
             self.resume(inflight, gather.results)
 

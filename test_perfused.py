@@ -267,9 +267,12 @@ class TestKernel:
         return struct.unpack_from("<Q", self.kargs, 1184)[0]
 
     def _read_loop(self):
+        buf = bytearray(8 << 20)
+        view = memoryview(buf)
         while True:
             try:
-                frame = self.sock.recv(8 << 20)
+                n = self.sock.recv_into(buf)
+                frame = bytes(view[:n])
             except OSError:
                 frame = b""
             if not frame:
@@ -2667,3 +2670,24 @@ def test_large_read_and_write_go_out_as_chunks_in_flight_together():
         content[:] = b""
         r = k.read(c, 0, 100000)
         assert r.rv == 0 and r.data == b""
+
+
+def test_connect_refuses_a_mount_point_the_caller_does_not_own():
+    """As uid 65534, on a directory root owns: a clear OSError (EPERM)."""
+    py = "/usr/bin/python3"
+    if not os.path.exists(py):
+        pytest.skip("no system python to run as another user")
+    d = tempfile.mkdtemp(prefix="perfused-notmine-")
+    os.chmod(d, 0o755)
+    with open(os.path.join(HERE, "libperfuse.py")) as f:
+        source = f.read().replace('if __name__ == "__main__":', "if False:")
+    code = source + ("\ntry:\n    connect(%r)\nexcept OSError as e:\n"
+                     "    print(e.errno, e); sys.exit(3)\n" % d)
+    try:
+        r = subprocess.run([py, "-"], input=code, capture_output=True, text=True,
+                           preexec_fn=lambda: os.setuid(65534), timeout=30, cwd="/",
+                           env=dict(os.environ, PERFUSE_SOCKET="/nonexistent/sock"))
+    finally:
+        os.rmdir(d)
+    assert r.returncode == 3, r.stderr
+    assert r.stdout.startswith("%d " % errno.EPERM) and "not owned" in r.stdout
