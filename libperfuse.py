@@ -95,6 +95,22 @@ def _perfused_command():
     raise OSError(errno.ENOENT, "perfused not found next to libperfuse.py or on PATH")
 
 
+def _detach_stdio():
+    """perfused outlives the caller: it must not hold the caller's pipes
+    open (a daemon's parent reading fusermount's output until EOF would
+    wait forever).  A terminal or a file for stderr is kept for its log."""
+    null = os.open(os.devnull, os.O_RDWR)
+    os.dup2(null, 0)
+    os.dup2(null, 1)
+    try:
+        mode = os.fstat(2).st_mode
+        if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
+            os.dup2(null, 2)
+    except OSError:
+        os.dup2(null, 2)
+    os.close(null)
+
+
 def _start_perfused(fd):
     """Run `perfused -i fd` detached (double fork: no zombie left to the
     caller, which may exec a daemon next).  A PUFFS_COMFD descriptor in the
@@ -111,6 +127,7 @@ def _start_perfused(fd):
             os.close(read_end)
             if os.fork() == 0:
                 os.setsid()
+                _detach_stdio()
                 for k in keep:
                     os.set_inheritable(k, True)
                 try:
