@@ -2705,13 +2705,17 @@ def test_connect_refuses_a_mount_point_the_caller_does_not_own():
 # ===========================================================================
 
 @contextlib.contextmanager
-def launched(tmp_path, mountpoint, daemon_argv, launcher_opts=()):
+def launched(tmp_path, mountpoint, daemon_argv, launcher_opts=(), stdin=b"", env_extra=None):
     """perfused (started by libperfuse) with the test kernel in front and
     daemon_argv behind, run by the libperfuse launcher."""
     with perfused_environment(tmp_path) as (k, env, marker):
+        env.update(env_extra or {})
         proc = subprocess.Popen(LIBPERFUSE + list(launcher_opts) + [str(mountpoint), "--"]
                                 + daemon_argv, pass_fds=[k._dev_sock.fileno()], env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT)
+        proc.stdin.write(stdin)
+        proc.stdin.close()
         if not k.mounted.wait(30):
             proc.kill()
             out = proc.communicate()[0].decode(errors="replace")
@@ -2797,3 +2801,49 @@ def test_gocryptfs_round_trip(tmp_path):
         r = k.lookup(d.newnode, "secret.bin")
         assert r.rv == 0 and r.size == len(data)
         assert read_all(k, r.newnode, len(data)) == data
+
+
+
+def round_trip(tmp_path, argv, **kw):
+    """Write a tree through one mount, read it back through a second."""
+    data = os.urandom(200 * 1024 + 7)
+    with launched(tmp_path, tmp_path / "mnt", argv, **kw) as k:
+        d = k.mkdir(k.root, "dir")
+        assert d.rv == 0, d.rv
+        c = write_file(k, d.newnode, "secret.bin", data)
+        assert k.inactive(c).rv == 0
+        s = k.symlink(k.root, "link", "dir/secret.bin")
+        assert s.rv == 0
+    with launched(tmp_path, tmp_path / "mnt", argv, **kw) as k:
+        d = k.lookup(k.root, "dir")
+        r = k.lookup(d.newnode, "secret.bin")
+        assert r.rv == 0 and r.size == len(data)
+        assert read_all(k, r.newnode, len(data)) == data
+        assert k.readlink(k.lookup(k.root, "link").newnode).link == "dir/secret.bin"
+
+
+def test_encfs_libfuse2_round_trip(tmp_path):
+    exe = need("encfs")
+    for d in ("cipher", "mnt"):
+        (tmp_path / d).mkdir()
+    round_trip(tmp_path, [exe, "-f", "--standard", "--extpass=echo pw", str(tmp_path / "cipher"),
+                          str(tmp_path / "mnt"), "--", "-o", "auto_unmount"])
+
+
+def test_securefs_round_trip(tmp_path):
+    exe = need("securefs")
+    for d in ("cipher", "mnt"):
+        (tmp_path / d).mkdir()
+    subprocess.run([exe, "create", "--pass", "pw", str(tmp_path / "cipher")], check=True,
+                   capture_output=True)
+    round_trip(tmp_path, [exe, "mount", "--pass", "pw", "-o", "auto_unmount",
+                          str(tmp_path / "cipher"), str(tmp_path / "mnt")])
+
+
+def test_cryfs_round_trip(tmp_path):
+    exe = need("cryfs")
+    for d in ("cipher", "mnt"):
+        (tmp_path / d).mkdir()
+    round_trip(tmp_path, [exe, "-f", "--fuse-option", "auto_unmount", str(tmp_path / "cipher"),
+                          str(tmp_path / "mnt")], stdin=b"pw\npw\n",
+               env_extra={"CRYFS_FRONTEND": "noninteractive", "CRYFS_NO_UPDATE_CHECK": "true"})
