@@ -2847,3 +2847,121 @@ def test_cryfs_round_trip(tmp_path):
     round_trip(tmp_path, [exe, "-f", "--fuse-option", "auto_unmount", str(tmp_path / "cipher"),
                           str(tmp_path / "mnt")], stdin=b"pw\npw\n",
                env_extra={"CRYFS_FRONTEND": "noninteractive", "CRYFS_NO_UPDATE_CHECK": "true"})
+
+
+# ===========================================================================
+# The seed's file system: a MooseFS cluster on loopback, mounted through
+# perfused, surviving the death of a chunkserver
+# ===========================================================================
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def moosefs(tmp_path):
+    """A master and two chunkservers with private data directories.
+
+    MooseFS refuses chunkservers at any 127.0.0.0/8 address.  Loopback only
+    all the same: everything listens on 127.0.0.1, chunkservers and clients
+    connect to 0.0.0.0 (Linux delivers that over loopback), and the master
+    remaps the chunkservers' 127.0.0.1 to 0.0.0.0 (REMAP_*), which it
+    accepts and hands to clients, who connect to 0.0.0.0 again."""
+    for tool in ("mfsmaster", "mfschunkserver", "mfsmount", "mfscli"):
+        need(tool)
+    empty = "/var/lib/mfs/metadata.mfs.empty"
+    if not os.path.exists(empty):
+        need("moosefs-master-metadata")
+    base = tmp_path / "mfs"
+    (base / "master").mkdir(parents=True)
+    shutil.copy(empty, str(base / "master" / "metadata.mfs"))
+    ports = dict(ml=free_port(), cs=free_port(), cl=free_port())
+    (base / "exports.cfg").write_text("* / rw,alldirs,maproot=0\n")
+    (base / "master.cfg").write_text("\n".join([
+        "WORKING_USER = root", "WORKING_GROUP = root", "DATA_PATH = %s" % (base / "master"),
+        "EXPORTS_FILENAME = %s" % (base / "exports.cfg"), "NICE_LEVEL = 0", "LOCK_MEMORY = 0",
+        "MATOML_LISTEN_HOST = 127.0.0.1", "MATOML_LISTEN_PORT = %d" % ports["ml"],
+        "MATOCS_LISTEN_HOST = 127.0.0.1", "MATOCS_LISTEN_PORT = %d" % ports["cs"],
+        "MATOCL_LISTEN_HOST = 127.0.0.1", "MATOCL_LISTEN_PORT = %d" % ports["cl"],
+        "REPLICATIONS_DELAY_INIT = 0", "REMAP_BITS = 32",
+        "REMAP_SOURCE_IP_CLASS = 127.0.0.1", "REMAP_DESTINATION_IP_CLASS = 0.0.0.0", ""]))
+    procs = {}
+    log = open(str(base / "daemons.log"), "ab")
+
+    def start(name, argv):
+        procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                       start_new_session=True)
+    start("master", ["mfsmaster", "-f", "-c", str(base / "master.cfg"), "start"])
+    for i in (1, 2):
+        cs = base / ("cs%d" % i)
+        (cs / "hdd").mkdir(parents=True)
+        (cs / "hdd.cfg").write_text("%s\n" % (cs / "hdd"))
+        (cs / "cs.cfg").write_text("\n".join([
+            "WORKING_USER = root", "WORKING_GROUP = root", "DATA_PATH = %s" % cs,
+            "HDD_CONF_FILENAME = %s" % (cs / "hdd.cfg"), "NICE_LEVEL = 0", "LOCK_MEMORY = 0",
+            "MASTER_HOST = 0.0.0.0", "MASTER_PORT = %d" % ports["cs"],
+            "CSSERV_LISTEN_HOST = 127.0.0.1", "CSSERV_LISTEN_PORT = %d" % free_port(), ""]))
+        start("cs%d" % i, ["mfschunkserver", "-f", "-c", str(cs / "cs.cfg"), "start"])
+
+    def chunkservers():
+        out = subprocess.run(["mfscli", "-H", "0.0.0.0", "-P", str(ports["cl"]), "-SCS"],
+                             capture_output=True, text=True).stdout
+        rows = [line.split("\t") for line in out.splitlines() if line.startswith("chunk servers:")]
+        return [(int(r[2]), int(r[8]), int(r[10])) for r in rows if len(r) > 10]   # port, chunks, total
+    try:
+        assert wait_for(lambda: len([c for c in chunkservers() if c[2] > 0]) == 2, 60), \
+            open(str(base / "daemons.log"), "rb").read().decode(errors="replace")[-3000:]
+        yield dict(port=ports["cl"], procs=procs, chunkservers=chunkservers, base=base)
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.terminate()
+        for p in procs.values():
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        log.close()
+
+
+def test_moosefs_cluster_through_perfused_survives_a_chunkserver_kill(tmp_path, moosefs):
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    argv = ["mfsmount", "-H", "0.0.0.0", "-P", str(moosefs["port"]), "-o", "nonempty",
+            "-f", "/dev/fd/%d"]
+    files = {"one.bin": os.urandom(1 << 20), "five.bin": os.urandom(5 << 20 | 12345),
+             "small.txt": b"moosefs through perfused\n"}
+    with launched(tmp_path, mnt, argv, ["-t", "mfs", "-s", "mfs#0.0.0.0"]) as k:
+        d = k.mkdir(k.root, "data")
+        assert d.rv == 0
+        for name, data in files.items():
+            c = write_file(k, d.newnode, name, data)
+            assert k.fsync(c).rv == 0
+            assert k.inactive(c).rv == 0
+        assert k.fsync(d.newnode).rv == 0           # mfsmount: FSYNCDIR is ENOSYS
+        for name, data in files.items():
+            r = k.lookup(d.newnode, name)
+            assert r.rv == 0 and r.size == len(data)
+            assert read_all(k, r.newnode, len(data)) == data, name
+        # goal 2: both chunkservers hold a copy of every chunk
+        assert wait_for(lambda: [c[1] for c in moosefs["chunkservers"]()] == [3, 3], 60), \
+            moosefs["chunkservers"]()
+        # one chunkserver dies: everything still reads back, and writes go on
+        victim = moosefs["procs"]["cs1"]
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(10)
+        for name, data in files.items():
+            r = k.lookup(d.newnode, name)
+            assert r.rv == 0
+            assert read_all(k, r.newnode, len(data)) == data, name
+        degraded = os.urandom(2 << 20)
+        c = write_file(k, d.newnode, "degraded.bin", degraded)
+        assert k.fsync(c).rv == 0
+        assert k.inactive(c).rv == 0
+        r = k.lookup(d.newnode, "degraded.bin")
+        assert r.rv == 0 and read_all(k, r.newnode, len(degraded)) == degraded
+        assert sorted(e[0] for e in k.listdir(d.newnode) if e[0][0] != ".") == \
+            sorted(list(files) + ["degraded.bin"])
