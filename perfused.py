@@ -87,10 +87,6 @@ def netbsd_errno(host_errno):
     return HOST_TO_NETBSD_ERRNO.get(host_errno, E.EIO)
 
 
-def host_errno_name(host_errno):
-    return errno.errorcode.get(host_errno, str(host_errno))
-
-
 # NetBSD open flags as they arrive in PUFFS OPEN (FFLAGS: FREAD/FWRITE).
 FREAD, FWRITE = 0x1, 0x2
 NETBSD_OPEN_FLAGS = dict(
@@ -120,7 +116,6 @@ NETBSD_MNT = dict(MNT_RDONLY=0x1, MNT_SYNCHRONOUS=0x2, MNT_NOEXEC=0x4,
                   MNT_NOSUID=0x8, MNT_NODEV=0x10, MNT_NOATIME=0x04000000)
 LINUX_MS_TO_MNT = {0x1: "MNT_RDONLY", 0x2: "MNT_NOSUID", 0x4: "MNT_NODEV",
                    0x8: "MNT_NOEXEC", 0x10: "MNT_SYNCHRONOUS", 0x400: "MNT_NOATIME"}
-MNT_FORCE = 0x80000
 
 
 def netbsd_mount_flags(host_flags):
@@ -133,16 +128,17 @@ def netbsd_mount_flags(host_flags):
     return out
 
 
-# Locks: NetBSD F_RDLCK 1, F_UNLCK 2, F_WRLCK 3; commands F_GETLK 7,
-# F_SETLK 8, F_SETLKW 9; ADVLOCK flags F_WAIT, F_FLOCK, F_POSIX.
+# Locks: NetBSD F_RDLCK 1, F_UNLCK 2, F_WRLCK 3; ADVLOCK ops F_GETLK 7,
+# F_SETLK 8, F_SETLKW 9, F_UNLCK 2; ADVLOCK flags F_WAIT, F_FLOCK (F_POSIX
+# otherwise).
 NB_F_RDLCK, NB_F_UNLCK, NB_F_WRLCK = 1, 2, 3
-NB_F_GETLK, NB_F_SETLK, NB_F_SETLKW = 7, 8, 9
-NB_F_WAIT, NB_F_FLOCK, NB_F_POSIX = 0x10, 0x20, 0x40
+NB_F_GETLK = 7                      # F_SETLK 8 and F_SETLKW 9 need no name here
+NB_F_WAIT, NB_F_FLOCK = 0x10, 0x20
 import fcntl as _fcntl  # noqa: E402  (host lock numbers)
 LOCK_TYPE_TO_HOST = {NB_F_RDLCK: _fcntl.F_RDLCK, NB_F_UNLCK: _fcntl.F_UNLCK,
                      NB_F_WRLCK: _fcntl.F_WRLCK}
 LOCK_TYPE_TO_NETBSD = {v: k for k, v in LOCK_TYPE_TO_HOST.items()}
-SEEK_SET, SEEK_CUR, SEEK_END = 0, 1, 2
+SEEK_SET, SEEK_END = 0, 2
 OFFSET_MAX = 0x7FFFFFFFFFFFFFFF
 
 
@@ -178,8 +174,8 @@ IFMT_TO_VTYPE = {stat.S_IFREG: VREG, stat.S_IFDIR: VDIR, stat.S_IFBLK: VBLK,
                  stat.S_IFCHR: VCHR, stat.S_IFLNK: VLNK, stat.S_IFSOCK: VSOCK,
                  stat.S_IFIFO: VFIFO}
 VTYPE_TO_IFMT = {v: k for k, v in IFMT_TO_VTYPE.items()}
-# DT_* values are shared by NetBSD and Linux (DT_FIFO 1 ... DT_WHT 14).
-DT_UNKNOWN = 0
+# DT_* values are shared by NetBSD and Linux (DT_FIFO 1 ... DT_WHT 14):
+# dirent types cross unchanged.
 
 # Extended attribute namespaces.
 EXTATTR_NAMESPACE_USER, EXTATTR_NAMESPACE_SYSTEM = 1, 2
@@ -206,28 +202,27 @@ c_off = c.c_int64            # off_t, voff_t
 c_dev = c.c_uint64           # dev_t
 c_time = c.c_int64           # time_t (64-bit on every NetBSD port)
 
-PUFFSOP_VFS, PUFFSOP_VN, PUFFSOP_CACHE, PUFFSOP_ERROR = 1, 2, 3, 4
-PUFFSOP_FLUSH, PUFFSOP_SUSPEND, PUFFSOP_UNMOUNT = 5, 6, 7
+PUFFSOP_VFS, PUFFSOP_VN, PUFFSOP_ERROR = 1, 2, 4
+PUFFSOP_FLUSH, PUFFSOP_UNMOUNT = 5, 7
 PUFFSOP_OPCMASK, PUFFSOPFLAG_FAF, PUFFSOPFLAG_ISRESPONSE = 0x7, 0x10, 0x20
 
-PUFFS_KFLAG_NOCACHE_NAME, PUFFS_KFLAG_NOCACHE_PAGE = 0x1, 0x2
 PUFFS_KFLAG_CACHE_FS_TTL, PUFFS_KFLAG_CACHE_DOTDOT = 0x80, 0x100
 PUFFS_KFLAG_NOFLUSH_META = 0x200
 PUFFS_KFLAG_MASK = 0x3BF
 DEFAULT_KFLAGS = (PUFFS_KFLAG_CACHE_FS_TTL | PUFFS_KFLAG_CACHE_DOTDOT
                   | PUFFS_KFLAG_NOFLUSH_META)
 
-PUFFS_SETBACK_NOREF_N1, PUFFS_SETBACK_NOREF_N2 = 0x4, 0x8
+PUFFS_SETBACK_NOREF_N2 = 0x8
 PUFFS_OPEN_IO_DIRECT = 0x1
 PUFFS_EXTATTR_LIST_LENPREFIX = 0x1
 PUFFS_INVAL_NAMECACHE_DIR, PUFFS_INVAL_PAGECACHE_NODE_RANGE = 1, 3
+PUFFS_VN_MAX, PUFFS_VN_SPARE = 48, 30   # the vnopmask has one byte per op
 PUFFS_MSG_MAXSIZE = 2 * 65536
 MAX_REPLY_BUFFER = 64 << 20           # sanity bound on a kernel's preq_buflen
 PUFFCRED_TYPE_UUC = 1
 VA_UTIMES_NULL, VA_EXCLUSIVE = 0x1, 0x2
 FSYNC_DATAONLY = 0x2
 NAMEI_LOOKUP, ISLASTCN = 0, 0x8000
-IO_APPEND = 0x20
 VNOVAL32, VNOVAL64 = 0xFFFFFFFF, 0xFFFFFFFFFFFFFFFF
 VREAD, VWRITE, VEXEC = 4, 2, 1
 
@@ -286,7 +281,8 @@ class PuffsKargs(c.Structure):
     _fields_ = [("pa_vers", c.c_uint), ("pa_fd", c.c_int),
                 ("pa_flags", c.c_uint32), ("pa_maxmsglen", c.c_size_t),
                 ("pa_nhashbuckets", c.c_int), ("pa_fhsize", c.c_size_t),
-                ("pa_fhflags", c.c_int), ("pa_vnopmask", c.c_uint8 * 78),
+                ("pa_fhflags", c.c_int),
+                ("pa_vnopmask", c.c_uint8 * (PUFFS_VN_MAX + PUFFS_VN_SPARE)),
                 ("pa_typename", c.c_char * 32),
                 ("pa_mntfromname", c.c_char * 1024),
                 ("pa_root_cookie", c_ptr), ("pa_root_vtype", c.c_int),
@@ -387,7 +383,6 @@ PUFFS_VN = dict(
     LISTEXTATTR=42, DELETEEXTATTR=44, SETEXTATTR=45, FALLOCATE=47,
     FDISCARD=48, PRINT=33,
 )
-PUFFS_VN_MAX, PUFFS_VN_SPARE = 48, 30
 
 # ---------------------------------------------------------------------------
 # 3. FUSE wire formats (linux/fuse.h; little-endian on every host we meet)
@@ -419,8 +414,7 @@ FUSE_OFFERED_FLAGS = (FUSE_ASYNC_READ | FUSE_POSIX_LOCKS | FUSE_ATOMIC_O_TRUNC
 FATTR_MODE, FATTR_UID, FATTR_GID, FATTR_SIZE = 1, 2, 4, 8
 FATTR_ATIME, FATTR_MTIME, FATTR_FH = 16, 32, 64
 FATTR_ATIME_NOW, FATTR_MTIME_NOW = 128, 256
-FUSE_GETATTR_FH, FUSE_READ_LOCKOWNER, FUSE_WRITE_LOCKOWNER = 1, 2, 2
-FUSE_RELEASE_FLUSH, FUSE_LK_FLOCK, FUSE_FSYNC_FDATASYNC = 1, 1, 1
+FUSE_GETATTR_FH, FUSE_LK_FLOCK, FUSE_FSYNC_FDATASYNC = 1, 1, 1
 FOPEN_DIRECT_IO = 1
 FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 1, 2
 FUSE_NOTIFY_INVAL_INODE, FUSE_NOTIFY_INVAL_ENTRY, FUSE_NOTIFY_DELETE = 2, 3, 6
@@ -462,8 +456,7 @@ LINK_IN = S("<Q")
 RENAME_IN = S("<Q")
 DIRENT = S("<QQII")
 NOTIFY_INVAL_INODE = S("<Qqq")
-NOTIFY_INVAL_ENTRY = S("<QII")
-NOTIFY_DELETE = S("<QQII")
+NOTIFY_INVAL_ENTRY = S("<QII")          # its parent comes first, as in DELETE
 ENTRY_OUT_SIZE = ENTRY_OUT.size
 
 
@@ -682,6 +675,11 @@ class FuseChannel:
     def pending_output(self):
         return bool(self._outq)
 
+    @property
+    def reassembling(self):
+        """A reply split over several records is partly received."""
+        return self._partial is not None
+
     def receive(self):
         """One whole reply as (unique, error, payload memoryview) or None if
         nothing is waiting.  The payload is only valid until the next call.
@@ -843,7 +841,7 @@ class NodeTable:
 class PuffsRequest:
     """A kernel request being served: its frame, reply buffer and views."""
 
-    __slots__ = ("reply", "frame", "msg", "hdr", "op", "node", "faf", "started", "unique")
+    __slots__ = ("reply", "frame", "msg", "hdr", "op", "node", "faf", "started")
 
     def __init__(self, reply, op, node, frame=b""):
         self.reply = reply
@@ -854,7 +852,6 @@ class PuffsRequest:
         self.node = node
         self.faf = bool(self.hdr.preq_opclass & PUFFSOPFLAG_FAF)
         self.started = 0.0
-        self.unique = 0
 
     def cred(self, kcred=None):
         """(uid, gid, pid) for the FUSE header from a puffs_kcred."""
@@ -2083,15 +2080,15 @@ class Relay:
             if not faf:
                 self.reply_error(frame, E.EOPNOTSUPP)
             return
-        # The reply buffer is what the kernel allocated (preq_buflen); the
-        # real kernel never exceeds PUFFS_MSG_MAXSIZE, a stand-in may.
-        size = max(len(frame), min(hdr.preq_buflen, MAX_REPLY_BUFFER), c.sizeof(op.layout))
+        fixed = c.sizeof(op.layout)
         if op.data_in:
             # data flows in only (WRITE, SETEXTATTR): the reply is the fixed
             # part; the data is read from the frame itself
-            reply = bytearray(frame[:c.sizeof(op.layout)])
+            reply = bytearray(frame[:fixed]).ljust(fixed, b"\0")
         else:
-            reply = bytearray(size)
+            # The reply buffer is what the kernel allocated (preq_buflen);
+            # the real kernel never exceeds PUFFS_MSG_MAXSIZE, a stand-in may.
+            reply = bytearray(max(len(frame), min(hdr.preq_buflen, MAX_REPLY_BUFFER), fixed))
             reply[:len(frame)] = frame
         node = None
         if op.needs_node:
@@ -2166,7 +2163,7 @@ class Relay:
                 value = freq.results
                 continue
             try:
-                req.unique = self.send_fuse(freq, InFlight(gen, req, freq))
+                self.send_fuse(freq, InFlight(gen, req, freq))
                 return
             except FuseError as e:
                 value, exc = None, e
@@ -2310,7 +2307,7 @@ class Relay:
                     self.deliver(inflight, exc=FuseError(errno.EIO))
                 continue
             if got is None:
-                if not self.channel._partial:
+                if not self.channel.reassembling:
                     return
                 continue
             self.on_fuse_reply(*got)
@@ -2400,8 +2397,9 @@ class Trace:
 # 8. Mount handshake and serve_connection
 # ---------------------------------------------------------------------------
 
-PERFUSE_MOUNT_MAGIC = b"noFuseRq"
-MOUNT_HEADER = S("<IiQ9s3xIIIIII4x")     # struct perfuse_mount_out, 56 bytes
+# struct perfuse_mount_out, 56 bytes: len, error, unique, the "noFuseRq"
+# magic (not checked, as by the C perfused), the string lengths and flags
+MOUNT_HEADER = S("<IiQ9s3xIIIIII4x")
 
 
 class MountRequest:
@@ -2643,7 +2641,7 @@ def serve_connection(sock, device=None, **options):
         LOG.info("mounted %s on %s for uid %d (pid %d)", mreq.source, mreq.target, uid, pid)
         relay.run()
         relay.shutdown()
-        return 0
+        return EX_OK
     finally:
         if relay is not None and not relay.daemon_gone and not relay.unmounting:
             try:     # the kernel went away without an UNMOUNT: tell the daemon

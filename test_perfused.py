@@ -2965,3 +2965,20 @@ def test_moosefs_cluster_through_perfused_survives_a_chunkserver_kill(tmp_path, 
         assert r.rv == 0 and read_all(k, r.newnode, len(degraded)) == degraded
         assert sorted(e[0] for e in k.listdir(d.newnode) if e[0][0] != ".") == \
             sorted(list(files) + ["degraded.bin"])
+
+
+def test_malformed_kernel_frames_get_one_error_reply_each():
+    with FakeMount() as m:
+        k = m.k
+        # framelen that lies about the frame's size
+        frame = bytearray(REQ.pack(999, 77, k.root, OPCLASS_VN, VN["GETATTR"], 0, 0, 1, 1, 336))
+        frame += bytes(336 - 56)
+        with k.cond:
+            k.waiting[77] = 336
+        k.sock.send(bytes(frame))
+        assert k.wait(77).rv == NB["EINVAL"]
+        # a WRITE shorter than its own struct, an unknown op, an unknown cookie
+        assert k.vn("WRITE", k.root, b"\0" * 20).rv in (0, NB["EINVAL"])   # zero-padded: resid 0
+        assert k.send(OPCLASS_VN, 40, k.root, b"\0" * 8).rv == NB["EOPNOTSUPP"]
+        assert k.getattr(0xdeadbeef).rv == NB["ENOENT"]
+        assert k.getattr(k.root).rv == 0
