@@ -2397,6 +2397,9 @@ class Trace:
 # 8. Mount handshake and serve_connection
 # ---------------------------------------------------------------------------
 
+# sysexits(3)
+EX_OK, EX_USAGE, EX_SOFTWARE, EX_OSERR, EX_PROTOCOL, EX_NOPERM = 0, 64, 70, 71, 76, 77
+
 # struct perfuse_mount_out, 56 bytes: len, error, unique, the "noFuseRq"
 # magic (not checked, as by the C perfused), the string lengths and flags
 MOUNT_HEADER = S("<IiQ9s3xIIIIII4x")
@@ -2596,6 +2599,7 @@ def serve_connection(sock, device=None, **options):
     """
     relay = None
     channel = None
+    own_device = device is None
     try:
         try:
             mreq, (pid, uid, _gid) = read_mount_request(sock)
@@ -2609,8 +2613,12 @@ def serve_connection(sock, device=None, **options):
             return EX_NOPERM
         if uid != 0:
             flags |= NETBSD_MNT["MNT_NOSUID"] | NETBSD_MNT["MNT_NODEV"]
-        if device is None:
-            device = PuffsDevice()
+        if own_device:
+            try:
+                device = PuffsDevice()
+            except OSError as e:
+                LOG.error("/dev/puffs: %s", e.strerror)
+                return EX_OSERR
         channel = FuseChannel(sock, options.get("bufsize"))
         relay = Relay(device, channel, options)
         relay.mount_flags, relay.owner_uid = flags, uid
@@ -2639,8 +2647,13 @@ def serve_connection(sock, device=None, **options):
             LOG.error("mount %s: %s", mreq.target, e)
             return EX_OSERR
         LOG.info("mounted %s on %s for uid %d (pid %d)", mreq.source, mreq.target, uid, pid)
-        relay.run()
-        relay.shutdown()
+        try:
+            relay.run()
+        except Exception:          # a bug: leave a trace, tear down all the same
+            LOG.exception("relay for %s failed", mreq.target)
+            return EX_SOFTWARE
+        finally:
+            relay.shutdown()
         return EX_OK
     finally:
         if relay is not None and not relay.daemon_gone and not relay.unmounting:
@@ -2653,13 +2666,14 @@ def serve_connection(sock, device=None, **options):
             sock.close()
         except OSError:
             pass
+        if own_device and device is not None:
+            device.close()      # on NetBSD this also forces a stale mount away
 
 
 # ---------------------------------------------------------------------------
 # 9. Daemon and command line: perfused [-fs] [-d types] [-i fd]
 # ---------------------------------------------------------------------------
 
-EX_OK, EX_USAGE, EX_OSERR, EX_PROTOCOL, EX_NOPERM, EX_SOFTWARE = 0, 64, 71, 76, 77, 70
 USAGE = "usage: perfused [-fs] [-d types] [-i fd]"
 
 
