@@ -516,6 +516,11 @@ def timespec_of(sec, nsec):
 # 4. Channels
 # ---------------------------------------------------------------------------
 
+# errors meaning the mount is gone: ENXIO/ENOENT from /dev/puffs, the others
+# from a socket standing in for it
+DEVICE_GONE = (errno.ENXIO, errno.ENOENT, errno.EBADF, errno.EPIPE, errno.ECONNRESET)
+
+
 class PuffsDevice:
     """The /dev/puffs side: one frame per read, one whole frame per write.
 
@@ -549,7 +554,7 @@ class PuffsDevice:
         except BlockingIOError:
             return None
         except OSError as e:
-            if e.errno in (errno.ENXIO, errno.ENOENT, errno.EBADF, errno.ECONNRESET):
+            if e.errno in DEVICE_GONE:
                 raise EOFError(e.strerror) from e
             raise
         if not n:
@@ -568,7 +573,7 @@ class PuffsDevice:
             except BlockingIOError:
                 return False
             except OSError as e:
-                if e.errno in (errno.ENXIO, errno.ENOENT, errno.EPIPE, errno.ECONNRESET):
+                if e.errno in DEVICE_GONE:
                     raise EOFError(e.strerror) from e
                 raise
             self._outq.pop(0)
