@@ -767,7 +767,7 @@ class Node:
 
     __slots__ = ("nodeid", "cookie", "fuse_nlookup", "puffs_nlookup", "mode",
                  "uid", "gid", "size", "rfh", "wfh", "shared_fh", "busy",
-                 "release_due", "generation")
+                 "release_due")
 
     def __init__(self, nodeid, cookie):
         self.nodeid, self.cookie = nodeid, cookie
@@ -777,7 +777,6 @@ class Node:
         self.shared_fh = False          # rfh and wfh are one O_RDWR open
         self.busy = 0
         self.release_due = False
-        self.generation = 0
 
     @property
     def is_dir(self):
@@ -824,7 +823,7 @@ class NodeTable:
         size = len(self.by_cookie)
         if size > self._high_water:
             self._high_water = size
-        elif self._high_water > 1024 and size < self._high_water // 8:
+        elif self._high_water > 64 and size < self._high_water // 8:
             self.by_cookie = dict(self.by_cookie)
             self.by_nodeid = dict(self.by_nodeid)
             self._high_water = size
@@ -873,7 +872,7 @@ def kcn_name(kcn):
     return name
 
 
-def fill_vattr(va, attr, generation=0):
+def fill_vattr(va, attr):
     """FUSE attr tuple -> NetBSD struct vattr."""
     (ino, size, blocks, atime, mtime, ctime, atimens, mtimens, ctimens, mode,
      nlink, uid, gid, rdev, blksize, _flags) = attr
@@ -889,7 +888,7 @@ def fill_vattr(va, attr, generation=0):
     va.va_mtime = timespec_of(mtime, mtimens)
     va.va_ctime = timespec_of(ctime, ctimens)
     va.va_birthtime = Timespec(0, 0)
-    va.va_gen = generation
+    va.va_gen = 0           # FUSE generations matter to NFS export only, which PUFFS lacks
     va.va_flags = 0
     va.va_rdev = netbsd_rdev(rdev) if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else 0
     va.va_bytes = blocks * 512
@@ -897,21 +896,33 @@ def fill_vattr(va, attr, generation=0):
     va.va_vaflags = 0
 
 
+_SHARED_INTS = {}
+
+
+def _shared(value):
+    """One int object for the few modes/owners a tree has: most nodes hold
+    the same ones, and an int is 28 bytes."""
+    if len(_SHARED_INTS) > 4096:
+        _SHARED_INTS.clear()
+    return _SHARED_INTS.setdefault(value, value)
+
+
 def remember_attr(node, attr):
-    node.size, node.mode, node.uid, node.gid = attr[1], attr[9], attr[11], attr[12]
+    node.size = attr[1]
+    node.mode, node.uid, node.gid = _shared(attr[9]), _shared(attr[11]), _shared(attr[12])
 
 
 class EntryReply:
     """A decoded fuse_entry_out."""
 
-    __slots__ = ("nodeid", "generation", "entry_valid", "attr_valid",
+    __slots__ = ("nodeid", "entry_valid", "attr_valid",
                  "entry_nsec", "attr_nsec", "attr")
 
     def __init__(self, payload):
         if len(payload) < ENTRY_OUT_SIZE:
             raise FuseError(errno.EPROTO, "short entry reply")
         fields = ENTRY_OUT.unpack_from(payload)
-        (self.nodeid, self.generation, self.entry_valid, self.attr_valid,
+        (self.nodeid, _generation, self.entry_valid, self.attr_valid,
          self.entry_nsec, self.attr_nsec) = fields[:6]
         self.attr = fields[6:]
 
@@ -961,7 +972,7 @@ def entry_reply_to_kernel(relay, req, entry, newnode_field=True):
     node = relay.account_entry(entry)
     msg = req.msg
     msg.pvnr_newnode = node.cookie
-    fill_vattr(msg.pvnr_va, entry.attr, entry.generation)
+    fill_vattr(msg.pvnr_va, entry.attr)
     msg.pvnr_va_ttl = timespec_of(entry.attr_valid, entry.attr_nsec)
     msg.pvnr_cn_ttl = timespec_of(entry.entry_valid, entry.entry_nsec)
     node.puffs_nlookup += 1
@@ -1095,7 +1106,7 @@ def _attr_reply(req, node, fields):
     attr_valid, attr_nsec, _ = fields[:3]
     attr = fields[3:]
     remember_attr(node, attr)
-    fill_vattr(req.msg.pvnr_va, attr, node.generation)
+    fill_vattr(req.msg.pvnr_va, attr)
     req.msg.pvnr_va_ttl = timespec_of(attr_valid, attr_nsec)
 
 
@@ -1842,7 +1853,6 @@ class Relay:
     def account_entry(self, entry):
         node = self.nodes.for_nodeid(entry.nodeid)
         node.fuse_nlookup += 1
-        node.generation = entry.generation
         remember_attr(node, entry.attr)
         return node
 
