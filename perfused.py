@@ -762,21 +762,24 @@ def default_bufsize():
 # 5. Node table
 # ---------------------------------------------------------------------------
 
+SHARED_FH = 0x1      # Node.flags: rfh and wfh are one O_RDWR open
+RELEASE_DUE = 0x2    # Node.flags: release the handles once I/O in flight ends
+
+
 class Node:
-    """What perfused keeps per FUSE node the kernel or the daemon holds."""
+    """What perfused keeps per FUSE node the kernel or the daemon holds
+    (a few hundred bytes: a mount may hold a hundred thousand of them)."""
 
     __slots__ = ("nodeid", "cookie", "fuse_nlookup", "puffs_nlookup", "mode",
-                 "uid", "gid", "size", "rfh", "wfh", "shared_fh", "busy",
-                 "release_due")
+                 "uid", "gid", "size", "rfh", "wfh", "busy", "flags")
 
     def __init__(self, nodeid, cookie):
         self.nodeid, self.cookie = nodeid, cookie
         self.fuse_nlookup = self.puffs_nlookup = 0
         self.mode = self.uid = self.gid = self.size = 0
         self.rfh = self.wfh = None      # FUSE handles open for reading, writing
-        self.shared_fh = False          # rfh and wfh are one O_RDWR open
-        self.busy = 0
-        self.release_due = False
+        self.busy = 0                   # requests using the handles in flight
+        self.flags = 0
 
     @property
     def is_dir(self):
@@ -1878,19 +1881,20 @@ class Relay:
         if mode & FREAD and node.rfh is None:
             node.rfh, took = fh, True
         if mode & FWRITE and node.wfh is None:
-            node.wfh, node.shared_fh, took = fh, took, True
+            node.flags = node.flags | SHARED_FH if took else node.flags & ~SHARED_FH
+            node.wfh, took = fh, True
         if not took:
             self._release(node, fh)
 
     def release_handles(self, node):
         if node.busy:
-            node.release_due = True
+            node.flags |= RELEASE_DUE
             return
-        for fh in (node.rfh, None if node.shared_fh else node.wfh):
+        for fh in (node.rfh, None if node.flags & SHARED_FH else node.wfh):
             if fh is not None:
                 self._release(node, fh)
         node.rfh = node.wfh = None
-        node.shared_fh = False
+        node.flags = 0
 
     def _release(self, node, fh):
         opcode = F.RELEASEDIR if node.is_dir else F.RELEASE
@@ -1901,8 +1905,8 @@ class Relay:
 
     def unbusy(self, node):
         node.busy -= 1
-        if node.busy == 0 and node.release_due:
-            node.release_due = False
+        if node.busy == 0 and node.flags & RELEASE_DUE:
+            node.flags &= ~RELEASE_DUE
             self.release_handles(node)
 
     # --- FUSE side ----------------------------------------------------------
@@ -2762,8 +2766,9 @@ def install_signals(debug, trace, toggle_signal):
         if not trace.enabled:
             path = "/var/run/perfused-%s.trace" % (trace.target.strip("/").replace("/", "-") or "root")
             try:
-                with open(path, "w") as f:
+                with open(path + ".tmp", "w") as f:     # readers never see half a trace
                     f.write(trace.report())
+                os.replace(path + ".tmp", path)
                 LOG.info("trace written to %s", path)
             except OSError as e:
                 LOG.error("trace %s: %s", path, e)

@@ -1815,7 +1815,8 @@ def test_perfused_dash_i_serves_a_mount_and_writes_a_trace():
         assert k.getattr(r.newnode).rv == 0
         relay.send_signal(signal.SIGUSR1)                 # trace off: written
         assert wait_for(lambda: os.path.exists(trace))
-        text = open(trace).read()
+        with open(trace) as f:
+            text = f.read()
         assert "LOOKUP" in text and "GETATTR" in text and "in flight: 0" in text
         assert k.unmount().rv == 0
         k.close_device()
@@ -2512,11 +2513,11 @@ def bench(repeat=3):
               "(same client speaking FUSE to the daemon); median of %d runs" % repeat)
         print("machine: %d CPUs, Python %s, %s" % (os.cpu_count(), platform.python_version(),
                                                   platform.platform()))
-        for tool, args in (("squashfuse", ["--version"]), ("passthrough_ll", ["--version"])):
-            out = subprocess.run([squashfuse if tool == "squashfuse" else passthrough] + args,
-                                 capture_output=True, text=True)
-            first = (out.stdout + out.stderr).strip().split("\n")[0]
-            print("daemon: %s: %s" % (tool, first))
+        versions = subprocess.run(["dpkg-query", "-W", "-f", "${Package} ${Version}\\n",
+                                   "squashfuse", "libfuse3-3", "libfuse3-dev"],
+                                  capture_output=True, text=True).stdout.split("\n")
+        print("daemons: squashfuse, passthrough_ll (libfuse3 example); packages: %s"
+              % ", ".join(v for v in versions if v))
         print()
         print("%-52s %-9s %12s %12s %7s" % ("workload", "unit", "relay", "direct", "ratio"))
         for label, unit, relay, direct, ratio in rows:
