@@ -962,7 +962,7 @@ def check_access(node, kcred, want):
         raise PuffsError(E.EACCES)
 
 
-def entry_reply_to_kernel(relay, req, entry, newnode_field=True):
+def entry_reply_to_kernel(relay, req, entry):
     """Account a new-node reply and fill the kernel's newnode/vattr/ttls."""
     if entry.nodeid == 0:
         raise PuffsError(E.ENOENT)          # a negative (cacheable) entry
@@ -1833,8 +1833,7 @@ class Relay:
         self.daemon_gone = False
         self.unmounting = False
         self.kernel_gone = False
-        self.flush_id = 1 << 63
-        self.pending_flushes = set()
+        self.flush_id = 1 << 63     # ids of our requests to the kernel: top bit set
         self.unmount_requested = 0.0
 
     # --- bookkeeping used by translators ---------------------------------
@@ -2023,7 +2022,6 @@ class Relay:
         msg.pr.preq_opclass = PUFFSOP_FLUSH
         msg.pf_cookie, msg.pf_op, msg.pf_start, msg.pf_end = cookie, op, start, end
         del msg
-        self.pending_flushes.add(self.flush_id)
         self.write_kernel(frame)
 
     def request_unmount(self):
@@ -2083,7 +2081,6 @@ class Relay:
             return
         if opclass & PUFFSOPFLAG_ISRESPONSE:
             # The kernel's answer to a FLUSH or UNMOUNT request of ours.
-            self.pending_flushes.discard(hdr.preq_id)
             if hdr.preq_rv:
                 LOG.info("kernel answered request %#x with %d", hdr.preq_id, hdr.preq_rv)
             return
