@@ -1405,19 +1405,21 @@ def op_readdir(relay, req):
         if not payload:
             eof = True
             break
+        data = bytes(payload)            # one copy: slices of bytes are cheap
         pos, full, whole, used, made = 0, False, 0, 0, 0
         lead = ENTRY_OUT_SIZE if plus else 0
-        end = len(payload)
+        end = len(data)
+        unpack_dirent, pack_dirent = DIRENT.unpack_from, NB_DIRENT.pack
         while pos + lead + DIRENT.size <= end:
-            ino, next_off, namelen, dtype = DIRENT.unpack_from(payload, pos + lead)
+            ino, next_off, namelen, dtype = unpack_dirent(data, pos + lead)
             start = pos + lead + DIRENT.size
             if start + namelen > end:
                 # libfuse2 cuts its directory buffer anywhere: like Linux,
                 # stop at a partial entry and resume from the last whole one
                 break
-            name = bytes(payload[start:start + namelen])
+            name = data[start:start + namelen]
             if plus:
-                entry = EntryReply(payload[pos:pos + ENTRY_OUT_SIZE])
+                entry = EntryReply(data[pos:pos + ENTRY_OUT_SIZE])
                 if entry.nodeid and name not in (b".", b".."):
                     relay.account_entry(entry)
                     relay.forget_if_unheld(relay.nodes.by_nodeid.get(entry.nodeid))
@@ -1433,15 +1435,14 @@ def op_readdir(relay, req):
             if reclen > resid:
                 full = True
                 continue
-            out.append(NB_DIRENT.pack(ino or 0xFFFFFFFF, reclen, namelen, dtype & 0xFF) + name
+            out.append(pack_dirent(ino or 0xFFFFFFFF, reclen, namelen, dtype & 0xFF) + name
                        + NB_DIRENT_PAD[reclen - NB_DIRENT.size - namelen])
             resid -= reclen
             made += reclen
             used = pos
             offset = next_off
         if not whole:
-            raise FuseError(errno.EPROTO, "READDIR reply of %d bytes holds no whole entry"
-                            % len(payload))
+            raise FuseError(errno.EPROTO, "READDIR reply of %d bytes holds no whole entry" % end)
         if made:
             relay.readdir_ratio = used / made
             produced += made
