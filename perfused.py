@@ -2725,14 +2725,18 @@ def main(argv=None):
     debug = Debug(types)
     trace = Trace()
     install_signals(debug, trace, toggle_signal)
+    device = None
+    if os.environ.get("PUFFS_COMFD"):
+        # libpuffs' convention, for one process serving one device at a time
+        if not foreground:
+            print("perfused: PUFFS_COMFD needs -f or -i", file=sys.stderr)
+            return EX_USAGE
+        comfd = int(os.environ["PUFFS_COMFD"])
+        device = PuffsDevice(comfd, comfd_mount(comfd))
     if inherited_fd is not None:
-        sock = socket.socket(fileno=inherited_fd)
-        device = None
-        if os.environ.get("PUFFS_COMFD"):
-            comfd = int(os.environ["PUFFS_COMFD"])
-            device = PuffsDevice(comfd, comfd_mount(comfd))
-        return serve_connection(sock, device, debug=debug, trace=trace)
-    return listen_forever(debug, trace, foreground)
+        return serve_connection(socket.socket(fileno=inherited_fd), device,
+                                debug=debug, trace=trace)
+    return listen_forever(debug, trace, foreground, device)
 
 
 def setup_logging(foreground, verbose):
@@ -2784,7 +2788,9 @@ def socket_path():
     return os.environ.get("PERFUSE_SOCKET", "/dev/fuse")
 
 
-def listen_forever(debug, trace, foreground):
+def listen_forever(debug, trace, foreground, device=None):
+    """Accept daemons on the perfused socket: each connection served by a
+    child process of its own, or in turn in the foreground (-f)."""
     path = socket_path()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
@@ -2812,7 +2818,7 @@ def listen_forever(debug, trace, foreground):
         except InterruptedError:
             continue
         if foreground:
-            serve_connection(conn, debug=debug, trace=trace)
+            serve_connection(conn, device, debug=debug, trace=trace)
             continue
         pid = os.fork()
         if pid == 0:

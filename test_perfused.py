@@ -2983,3 +2983,55 @@ def test_malformed_kernel_frames_get_one_error_reply_each():
         assert k.send(OPCLASS_VN, 40, k.root, b"\0" * 8).rv == NB["EOPNOTSUPP"]
         assert k.getattr(0xdeadbeef).rv == NB["ENOENT"]
         assert k.getattr(k.root).rv == 0
+
+
+def test_listening_perfused_serves_perfuse_open_and_toggles_debug(tmp_path):
+    """perfused -f -s listening on $PERFUSE_SOCKET: perfuse_open connects to
+    it, the socket is usable by everyone, and SIGUSR2 (SIGINFO's stand-in
+    on Linux) turns the debug output on."""
+    exe = libfuse3_example("hello_ll")
+    k = TestKernel(comfd=True)
+    sock_path = str(tmp_path / "fuse.sock")
+    dev = k._dev_sock.fileno()
+    errlog = open(str(tmp_path / "stderr"), "w+")
+    relay = subprocess.Popen(PERFUSED + ["-f", "-s", "-d", "puffs"], pass_fds=[dev],
+                             env=dict(os.environ, PERFUSE_SOCKET=sock_path,
+                                      PUFFS_COMFD=str(dev)), stderr=errlog)
+    k._dev_sock.close()
+    daemon = None
+    try:
+        assert wait_for(lambda: os.path.exists(sock_path))
+        assert stat.S_ISSOCK(os.stat(sock_path).st_mode)
+        assert stat.S_IMODE(os.stat(sock_path).st_mode) == 0o666
+        saved = os.environ.get("PERFUSE_SOCKET")
+        os.environ["PERFUSE_SOCKET"] = sock_path
+        try:
+            fd = libperfuse.perfuse_open("/dev/fuse", os.O_RDWR)
+        finally:
+            if saved is None:
+                del os.environ["PERFUSE_SOCKET"]
+            else:
+                os.environ["PERFUSE_SOCKET"] = saved
+        with socket.socket(fileno=os.dup(fd)) as probe:
+            assert probe.getpeername() == sock_path
+        libperfuse.perfuse_mount(None, "/mnt", "hello", 0, "fd=%d" % fd)
+        daemon = subprocess.Popen([exe, "-f", "/dev/fd/%d" % fd], pass_fds=[fd])
+        os.close(fd)
+        assert k.mounted.wait(20)
+        assert k.lookup(k.root, "hello").rv == 0          # debug output off (-s)
+        relay.send_signal(signal.SIGUSR2)
+        time.sleep(0.3)
+        assert k.getattr(k.root).rv == 0                  # now on
+        assert wait_for(lambda: "> puffs GETATTR" in open(str(tmp_path / "stderr")).read())
+        text = open(str(tmp_path / "stderr")).read()
+        assert "> puffs LOOKUP" not in text
+        assert k.unmount().rv == 0
+        k.close_device()
+        daemon.wait(20)
+    finally:
+        relay.terminate()
+        relay.wait(20)
+        if daemon and daemon.poll() is None:
+            daemon.kill()
+        errlog.close()
+    k.check()
