@@ -28,6 +28,7 @@ import shutil
 import socket
 import stat
 import struct
+import subprocess
 import sys
 
 __all__ = ["perfuse_open", "perfuse_mount", "mount_request", "connect",
@@ -95,54 +96,35 @@ def _perfused_command():
     raise OSError(errno.ENOENT, "perfused not found next to libperfuse.py or on PATH")
 
 
-def _detach_stdio():
+def _caller_stderr():
     """perfused outlives the caller: it must not hold the caller's pipes
     open (a daemon's parent reading fusermount's output until EOF would
     wait forever).  A terminal or a file for stderr is kept for its log."""
-    null = os.open(os.devnull, os.O_RDWR)
-    os.dup2(null, 0)
-    os.dup2(null, 1)
     try:
         mode = os.fstat(2).st_mode
-        if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
-            os.dup2(null, 2)
     except OSError:
-        os.dup2(null, 2)
-    os.close(null)
+        return subprocess.DEVNULL
+    if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
+        return subprocess.DEVNULL
+    return None
 
 
 def _start_perfused(fd):
-    """Run `perfused -i fd` detached (double fork: no zombie left to the
-    caller, which may exec a daemon next).  A PUFFS_COMFD descriptor in the
-    environment (libpuffs' convention) is handed down with it."""
+    """Run `perfused -i fd` detached: a shell starts it in the background
+    and exits, so no zombie is left to the caller (which may exec a daemon
+    next) and no fork() happens in a possibly threaded Python.  A
+    PUFFS_COMFD descriptor in the environment (libpuffs' convention) is
+    handed down with it."""
     command = _perfused_command() + ["-i", str(fd)]
     keep = [fd]
     comfd = os.environ.get("PUFFS_COMFD")
     if comfd and comfd.isdigit():
         keep.append(int(comfd))
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(read_end)
-            if os.fork() == 0:
-                os.setsid()
-                _detach_stdio()
-                for k in keep:
-                    os.set_inheritable(k, True)
-                try:
-                    os.execv(command[0], command)
-                except OSError as e:
-                    os.write(write_end, str(e.errno).encode())
-                os._exit(127)
-        finally:
-            os._exit(0)
-    os.close(write_end)
-    os.waitpid(pid, 0)
-    failure = os.read(read_end, 16)    # closed on a successful exec (CLOEXEC)
-    os.close(read_end)
-    if failure:
-        raise OSError(int(failure), "cannot start perfused: %s" % os.strerror(int(failure)))
+    shell = subprocess.run(["/bin/sh", "-c", '"$@" &', "sh"] + command, pass_fds=keep,
+                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                           stderr=_caller_stderr(), start_new_session=True)
+    if shell.returncode != 0:
+        raise OSError(errno.ECHILD, "cannot start perfused (%s)" % " ".join(command))
 
 
 def perfuse_open(path, flags, mode=0):
