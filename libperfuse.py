@@ -76,11 +76,16 @@ def mount_request(source, target, filesystemtype, mountflags, data, sock=None):
 # ---------------------------------------------------------------------------
 
 def _set_buffers(sock, size):
+    """As large as asked or as the host allows (kern.sbmax): halve until
+    setsockopt agrees; perfused reads back what was granted."""
     for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, opt, size)
-        except OSError:
-            pass            # the host grants what it can; perfused reads it back
+        want = size
+        while want >= 65536:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, opt, want)
+                break
+            except OSError:
+                want //= 2
 
 
 def _perfused_command():

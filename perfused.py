@@ -639,11 +639,20 @@ class FuseChannel:
         self._view = memoryview(self._buf)
 
     def set_buffers(self, size):
+        """As large as asked, or as the host allows (NetBSD's kern.sbmax is
+        often below the default): halve until setsockopt agrees, then read
+        back what was granted."""
         for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-            try:
-                self.sock.setsockopt(socket.SOL_SOCKET, opt, size)
-            except OSError as e:
-                LOG.warning("setsockopt(%s, %d): %s", opt, size, e.strerror)
+            want = size
+            while True:
+                try:
+                    self.sock.setsockopt(socket.SOL_SOCKET, opt, want)
+                    break
+                except OSError as e:
+                    if want <= 65536:
+                        LOG.warning("setsockopt(%d, %d): %s", opt, want, e.strerror)
+                        break
+                    want //= 2
         self.sndbuf = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
         self.rcvbuf = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
 
@@ -2568,7 +2577,9 @@ def negotiate_init(channel, relay):
     relay.minor = min(minor, FUSE_OFFERED_MINOR)
     relay.init_flags = flags & FUSE_OFFERED_FLAGS
     pages = max_pages if flags & FUSE_MAX_PAGES and max_pages else 32
-    relay.max_read = max(4096, min(pages * 4096, relay.max_read_cap))
+    # A READ reply must fit the daemon's socket buffer, which we cannot see;
+    # libperfuse sizes both ends alike, so ours is the best guess.
+    relay.max_read = max(4096, min(pages * 4096, relay.max_read_cap, channel.rcvbuf - 4096))
     # A WRITE record is header + write_in + data: keep it within our buffer.
     relay.max_write = max(4096, min(max_write or 4096, pages * 4096,
                                     channel.sndbuf - 4096 if channel.sndbuf > 8192 else 4096))
