@@ -690,6 +690,10 @@ class FuseChannel:
         return bool(self._outq)
 
     @property
+    def queued(self):
+        return len(self._outq)
+
+    @property
     def reassembling(self):
         """A reply split over several records is partly received."""
         return self._partial is not None
@@ -877,10 +881,12 @@ class PuffsRequest:
         return (kcred.pkcr_uuc.cr_uid, kcred.pkcr_uuc.cr_gid, pid)
 
 
-def kcn_name(kcn):
+def kcn_name(kcn, relay=None):
     name = bytes(kcn.pkcn_name)[:kcn.pkcn_namelen]
     if not name or b"/" in name or b"\0" in name:
         raise PuffsError(E.EINVAL, "bad component name")
+    if relay is not None and relay.debug.filename:
+        LOG.debug("  name %r", name)
     return name
 
 
@@ -993,7 +999,7 @@ def entry_reply_to_kernel(relay, req, entry):
 
 def op_lookup(relay, req):
     msg = req.msg
-    name = kcn_name(msg.pvnr_cn)
+    name = kcn_name(msg.pvnr_cn, relay)
     if not relay.access_via_daemon:
         check_access(req.node, msg.pvnr_cn_cred, VEXEC)
         if (msg.pvnr_cn.pkcn_nameiop != NAMEI_LOOKUP
@@ -1017,7 +1023,7 @@ def _make_node(relay, req, opcode, parts):
 
 def op_create(relay, req):
     msg = req.msg
-    name = kcn_name(msg.pvnr_cn)
+    name = kcn_name(msg.pvnr_cn, relay)
     mode = (msg.pvnr_va.va_mode & 0o7777) | stat.S_IFREG
     flags = os.O_CREAT | os.O_RDWR
     if msg.pvnr_va.va_vaflags & VA_EXCLUSIVE:
@@ -1051,7 +1057,7 @@ def op_mknod(relay, req):
     rdev = fuse_rdev(va.va_rdev) if va.va_type in (VCHR, VBLK) and va.va_rdev != VNOVAL64 else 0
     entry, _ = yield from _make_node(
         relay, req, F.MKNOD, (MKNOD_IN.pack(mode, rdev & 0xFFFFFFFF, 0, 0),
-                              kcn_name(msg.pvnr_cn), b"\0"))
+                              kcn_name(msg.pvnr_cn, relay), b"\0"))
     entry_reply_to_kernel(relay, req, entry)
 
 
@@ -1059,7 +1065,7 @@ def op_mkdir(relay, req):
     msg = req.msg
     entry, _ = yield from _make_node(
         relay, req, F.MKDIR, (MKDIR_IN.pack(msg.pvnr_va.va_mode & 0o7777, 0),
-                              kcn_name(msg.pvnr_cn), b"\0"))
+                              kcn_name(msg.pvnr_cn, relay), b"\0"))
     entry_reply_to_kernel(relay, req, entry)
 
 
@@ -1067,7 +1073,7 @@ def op_symlink(relay, req):
     msg = req.msg
     target = bytes(msg.pvnr_link)           # c_char array stops at the NUL
     entry, _ = yield from _make_node(
-        relay, req, F.SYMLINK, (kcn_name(msg.pvnr_cn), b"\0", target, b"\0"))
+        relay, req, F.SYMLINK, (kcn_name(msg.pvnr_cn, relay), b"\0", target, b"\0"))
     entry_reply_to_kernel(relay, req, entry)
 
 
@@ -1075,7 +1081,7 @@ def op_link(relay, req):
     msg = req.msg
     target = relay.node_of(msg.pvnr_cookie_targ)
     payload = yield FuseRequest(F.LINK, req.node.nodeid,
-                                (LINK_IN.pack(target.nodeid), kcn_name(msg.pvnr_cn), b"\0"),
+                                (LINK_IN.pack(target.nodeid), kcn_name(msg.pvnr_cn, relay), b"\0"),
                                 req.cred(msg.pvnr_cn_cred), ENTRY_OUT_SIZE)
     entry = EntryReply(payload)
     if entry.nodeid:
@@ -1086,7 +1092,7 @@ def op_link(relay, req):
 def _remove(opcode):
     def op_remove(relay, req):
         msg = req.msg
-        yield FuseRequest(opcode, req.node.nodeid, (kcn_name(msg.pvnr_cn), b"\0"),
+        yield FuseRequest(opcode, req.node.nodeid, (kcn_name(msg.pvnr_cn, relay), b"\0"),
                           req.cred(msg.pvnr_cn_cred))
         # The name is gone: let the kernel recycle the vnode at its next
         # inactive, so the node is reclaimed and FORGOTten promptly.
@@ -1099,8 +1105,8 @@ def op_rename(relay, req):
     msg = req.msg
     newdir = relay.node_of(msg.pvnr_cookie_targdir)
     yield FuseRequest(F.RENAME, req.node.nodeid,
-                      (RENAME_IN.pack(newdir.nodeid), kcn_name(msg.pvnr_cn_src), b"\0",
-                       kcn_name(msg.pvnr_cn_targ), b"\0"),
+                      (RENAME_IN.pack(newdir.nodeid), kcn_name(msg.pvnr_cn_src, relay), b"\0",
+                       kcn_name(msg.pvnr_cn_targ, relay), b"\0"),
                       req.cred(msg.pvnr_cn_targ_cred))
 
 
@@ -1354,6 +1360,8 @@ def op_fsync(relay, req):
     if fh is None or relay.lacks(FUSE_OPNAMES[opcode]):
         return None
     flags = FUSE_FSYNC_FDATASYNC if req.msg.pvnr_flags & FSYNC_DATAONLY else 0
+    if relay.debug.sync:
+        LOG.debug("  fsync node %#x flags %#x", node.nodeid, req.msg.pvnr_flags)
     node.busy += 1
     try:
         yield FuseRequest(opcode, node.nodeid, (FSYNC_IN.pack(fh, flags, 0),),
@@ -1457,6 +1465,9 @@ def op_readdir(relay, req):
             produced += made
         if full:
             break
+    if relay.debug.readdir:
+        LOG.debug("  readdir node %#x offset %d -> %d, %d entries, %d bytes%s", node.nodeid,
+                  msg.pvnr_offset, offset, len(out), produced, ", eof" if eof else "")
     data = b"".join(out)
     req.reply[base:base + produced] = data
     msg.pvnr_offset = offset if offset < (1 << 63) else offset - (1 << 64)
@@ -1503,6 +1514,8 @@ def fill_statvfs(sb, st, relay):
 def op_sync(relay, req):
     """VFS_SYNC (periodic from the syncer): files are synced by per-vnode
     FSYNC, so there is nothing more to ask the daemon."""
+    if relay.debug.sync:
+        LOG.debug("  sync, waitfor %d", req.msg.pvfsr_waitfor)
 
 
 def op_unmount(relay, req):
@@ -1853,7 +1866,8 @@ class Relay:
 
     def mark_lacking(self, what):
         if what not in self.lacking:
-            LOG.info("daemon lacks %s: not asking again", what)
+            LOG.log(logging.DEBUG if self.debug.misc else logging.INFO,
+                    "daemon lacks %s: not asking again", what)
             self.lacking.add(what)
 
     def node_of(self, cookie):
@@ -1886,6 +1900,8 @@ class Relay:
     def adopt_handle(self, node, fh, mode):
         """Record a fresh handle in the empty slots its mode covers; one that
         fills no slot (a racing open got there first) is released."""
+        if self.debug.fh:
+            LOG.debug("  fh %#x for node %#x mode %#x", fh, node.nodeid, mode)
         took = False
         if mode & FREAD and node.rfh is None:
             node.rfh, took = fh, True
@@ -1897,6 +1913,8 @@ class Relay:
 
     def release_handles(self, node):
         if node.busy:
+            if self.debug.requeue:
+                LOG.debug("  release of node %#x waits for %d requests", node.nodeid, node.busy)
             node.flags |= RELEASE_DUE
             return
         for fh in (node.rfh, None if node.flags & SHARED_FH else node.wfh):
@@ -1906,6 +1924,8 @@ class Relay:
         node.flags = 0
 
     def _release(self, node, fh):
+        if self.debug.fh:
+            LOG.debug("  release fh %#x of node %#x", fh, node.nodeid)
         opcode = F.RELEASEDIR if node.is_dir else F.RELEASE
         if self.lacks(FUSE_OPNAMES[F.OPENDIR if node.is_dir else F.OPEN]):
             return
@@ -1936,7 +1956,8 @@ class Relay:
                       FUSE_OPNAMES.get(freq.opcode, freq.opcode), unique, freq.nodeid,
                       sum(map(len, record)), why)
         try:
-            self.channel.send(record)
+            if not self.channel.send(record) and self.debug.requeue:
+                LOG.debug("  daemon socket full: %d records queued", self.channel.queued)
         except MessageTooLong:
             self.inflight.pop(unique, None)
             LOG.error("%s of %d bytes does not fit the socket buffer",
@@ -1975,6 +1996,8 @@ class Relay:
             pass
 
     def on_fuse_reply(self, unique, err, payload):
+        if self.debug.dump:
+            LOG.debug("fuse reply %d error %d:\n%s", unique, err, hexdump(payload))
         if unique == 0:
             self.on_notification(err, payload)
             return
@@ -2078,6 +2101,8 @@ class Relay:
                 self.write_kernel(short)
 
     def on_kernel_frame(self, frame):
+        if self.debug.dump:
+            LOG.debug("kernel frame:\n%s", hexdump(frame))
         if len(frame) < c.sizeof(PuffsReq):
             LOG.error("kernel frame of %d bytes ignored", len(frame))
             return
@@ -2345,6 +2370,13 @@ class Relay:
                     and not self.kernel_gone:
                 self.deliver(inflight, exc=FuseError(errno.ENXIO))
         self.inflight.clear()
+
+
+def hexdump(data, limit=256):
+    """-d dump: the first bytes of a frame, 16 a line."""
+    data = bytes(data[:limit])
+    return "\n".join("  %04x  %s" % (i, data[i:i + 16].hex(" "))
+                     for i in range(0, len(data), 16))
 
 
 class Debug:

@@ -3043,3 +3043,35 @@ def test_listening_perfused_serves_perfuse_open_and_toggles_debug(tmp_path):
             daemon.kill()
         errlog.close()
     k.check()
+
+
+def test_every_debug_type_says_something(caplog):
+    import logging
+    tree = {"f": (10, 0o100644, 3)}
+
+    def readdir(h, b):
+        off = struct.unpack_from("<QQ", b)[1]
+        if off:
+            return b""
+        return struct.pack("<QQII", 10, 1, 1, 8) + b"f" + bytes(7)
+    debug = perfused.Debug(perfused.Debug.TYPES)
+    with caplog.at_level(logging.DEBUG, logger="perfused"):
+        with FakeMount({"LOOKUP": names_handler(tree), "READDIR": readdir,
+                        "READ": lambda h, b: b"abc", "FSYNC": lambda h, b: b""},
+                       options={"debug": debug}) as m:
+            k = m.k
+            c = k.lookup(k.root, "f").newnode
+            k.open(c, FREAD | FWRITE)
+            k.read(c, 0, 10)
+            k.fsync(c)
+            k.getextattr(c, "a", 10)          # ENOSYS from the fake daemon
+            k.sync()
+            k.listdir(k.root)
+            k.inactive(c)
+            k.reclaim(c)
+            k.getattr(k.root)
+    text = caplog.text
+    for expected in ("> puffs LOOKUP", "> fuse LOOKUP", "kernel frame:", "fuse reply",
+                     "name b'f'", "fh 0x7 for node 0xa", "release fh 0x7", "readdir node 0x1",
+                     "fsync node 0xa", "sync, waitfor 3", "forget 0xa:1", "daemon lacks"):
+        assert expected in text, expected
