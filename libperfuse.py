@@ -23,6 +23,7 @@ fusermount stand-in -> the launcher command line.
 """
 
 import errno
+import hashlib
 import os
 import shutil
 import socket
@@ -324,14 +325,16 @@ def standin_dir():
     """A directory with fusermount and fusermount3 that run this module.
     The scripts carry the settings in their text: go-fuse runs fusermount
     with an empty environment."""
-    base = os.path.join(os.environ.get("TMPDIR", "/tmp"), "perfuse-%d" % os.getuid())
-    os.makedirs(base, mode=0o700, exist_ok=True)
     keep = []
     for var in ("PERFUSE_SOCKET", "PERFUSE_BUFSIZE", "PUFFS_COMFD"):
         if os.environ.get(var):
             keep.append("%s='%s'; export %s" % (var, os.environ[var].replace("'", ""), var))
     body = "#!/bin/sh\n%s\nexec '%s' '%s' --fusermount \"$@\"\n" % (
         "\n".join(keep), sys.executable, os.path.abspath(__file__))
+    # one directory per set of settings: concurrent launchers never clash
+    base = os.path.join(os.environ.get("TMPDIR", "/tmp"), "perfuse-%d" % os.getuid(),
+                        hashlib.sha1(body.encode()).hexdigest()[:12])
+    os.makedirs(base, mode=0o700, exist_ok=True)
     for name in ("fusermount", "fusermount3"):
         path = os.path.join(base, name)
         tmp = path + ".%d" % os.getpid()
