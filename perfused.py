@@ -219,6 +219,7 @@ PUFFS_INVAL_NAMECACHE_DIR, PUFFS_INVAL_PAGECACHE_NODE_RANGE = 1, 3
 PUFFS_VN_MAX, PUFFS_VN_SPARE = 48, 30   # the vnopmask has one byte per op
 PUFFS_MSG_MAXSIZE = 2 * 65536
 MAX_REPLY_BUFFER = 64 << 20           # sanity bound on a kernel's preq_buflen
+LARGE_REPLY = 256 << 10               # reply buffers from this size are reused
 PUFFCRED_TYPE_UUC = 1
 VA_UTIMES_NULL, VA_EXCLUSIVE = 0x1, 0x2
 FSYNC_DATAONLY = 0x2
@@ -1857,6 +1858,7 @@ class Relay:
         self.unmounting = False
         self.kernel_gone = False
         self.flush_id = 1 << 63     # ids of our requests to the kernel: top bit set
+        self._spare = []            # large reply buffers to reuse
         self.unmount_requested = 0.0
 
     # --- bookkeeping used by translators ---------------------------------
@@ -2139,7 +2141,8 @@ class Relay:
         else:
             # The reply buffer is what the kernel allocated (preq_buflen);
             # the real kernel never exceeds PUFFS_MSG_MAXSIZE, a stand-in may.
-            reply = bytearray(max(len(frame), min(hdr.preq_buflen, MAX_REPLY_BUFFER), fixed))
+            size = max(len(frame), min(hdr.preq_buflen, MAX_REPLY_BUFFER), fixed)
+            reply = self._reply_buffer(size)
             reply[:len(frame)] = frame
         node = None
         if op.needs_node:
@@ -2168,6 +2171,16 @@ class Relay:
             self.resume(InFlight(result, req, None))
         else:
             self.finish(req, 0, result)
+
+    def _reply_buffer(self, size):
+        """A buffer for a reply: large ones are reused, so that big READs do
+        not map and fault in fresh memory each time."""
+        if size < LARGE_REPLY:
+            return bytearray(size)
+        for i, buf in enumerate(self._spare):
+            if len(buf) >= size:
+                return self._spare.pop(i)
+        return bytearray(size)
 
     def reply_error(self, frame, nb_errno):
         """Answer a request with an error alone: its header (56 bytes never
@@ -2264,7 +2277,12 @@ class Relay:
         hdr.preq_framelen = length
         del hdr
         req.msg = req.hdr = None
-        self.write_kernel(memoryview(req.reply)[:length])
+        view = memoryview(req.reply)[:length]
+        self.write_kernel(view)
+        if len(req.reply) >= LARGE_REPLY and not self.device.pending_output \
+                and len(self._spare) < 4:
+            view.release()
+            self._spare.append(req.reply)
 
     def describe_inflight(self):
         return ["%s unique %d nodeid %#x%s" % (
