@@ -1929,8 +1929,8 @@ class Relay:
         if self.debug.fh:
             LOG.debug("  release fh %#x of node %#x", fh, node.nodeid)
         opcode = F.RELEASEDIR if node.is_dir else F.RELEASE
-        if self.lacks(FUSE_OPNAMES[F.OPENDIR if node.is_dir else F.OPEN]):
-            return
+        if self.lacks("RELEASE") or self.lacks(FUSE_OPNAMES[F.OPENDIR if node.is_dir else F.OPEN]):
+            return      # nothing was opened, or the daemon keeps no open state
         self.send_detached(FuseRequest(opcode, node.nodeid,
                                        (RELEASE_IN.pack(fh, 0, 0, 0),)), "RELEASE")
 

@@ -3079,3 +3079,22 @@ def test_every_debug_type_says_something(caplog):
                      "name b'f'", "fh 0x7 for node 0xa", "release fh 0x7", "readdir node 0x1",
                      "fsync node 0xa", "sync, waitfor 3", "forget 0xa:1", "daemon lacks"):
         assert expected in text, expected
+
+
+def test_ops_a_daemon_lacks_are_not_asked_again():
+    tree = {"f": (10, 0o100644, 3)}
+    handlers = {"LOOKUP": names_handler(tree), "OPEN": lambda h, b: -errno.ENOSYS,
+                "FLUSH": lambda h, b: -errno.ENOSYS, "RELEASE": lambda h, b: -errno.ENOSYS,
+                "READ": lambda h, b: b"abc"}
+    with FakeMount(handlers) as m:
+        k, d = m.k, m.daemon
+        c = k.lookup(k.root, "f").newnode
+        for _ in range(3):
+            assert k.open(c, FREAD).rv == 0          # stateless daemon: fh 0
+            assert k.read(c, 0, 10).data == b"abc"
+            k.close(c, FREAD)
+            assert k.inactive(c).rv == 0
+            assert k.getattr(k.root).rv == 0
+        assert len(d.seen("OPEN")) == 1
+        assert len(d.seen("FLUSH")) <= 1 and not d.seen("RELEASE")
+        assert all(struct.unpack_from("<Q", b)[0] == 0 for _, b in d.seen("READ"))
