@@ -209,13 +209,11 @@ def perfuse_mount(source, target, filesystemtype, mountflags, data):
 # ---------------------------------------------------------------------------
 
 class PerfuseChannel(socket.socket):
-    """A socket connected to perfused, mounted and ready for FUSE_INIT."""
-
-    def __exit__(self, *exc):
-        self.close()
+    """A socket connected to perfused, mounted and ready for FUSE_INIT
+    (closed on leaving a with-block, as every socket)."""
 
 
-def _check_mountpoint(target, mountflags):
+def _check_mountpoint(target):
     """Catch the usual mistakes before perfused refuses silently."""
     try:
         st = os.stat(target)
@@ -231,7 +229,7 @@ def _check_mountpoint(target, mountflags):
 def connect(mountpoint, fstype="fuse", source=_PATH_FUSE, options="", mountflags=0):
     """Mount through perfused and return the channel (a PerfuseChannel,
     usable as a context manager).  The caller then speaks FUSE on it."""
-    _check_mountpoint(mountpoint, mountflags)
+    _check_mountpoint(mountpoint)
     fd = perfuse_open(_PATH_FUSE, os.O_RDWR)
     try:
         data = ",".join(["fd=%d" % fd] + ([options] if options else []))
