@@ -3098,3 +3098,17 @@ def test_ops_a_daemon_lacks_are_not_asked_again():
         assert len(d.seen("OPEN")) == 1
         assert len(d.seen("FLUSH")) <= 1 and not d.seen("RELEASE")
         assert all(struct.unpack_from("<Q", b)[0] == 0 for _, b in d.seen("READ"))
+
+
+def test_connect_gives_a_channel_ready_for_fuse_init(tmp_path):
+    exe = libfuse3_example("hello_ll")
+    with perfused_environment(tmp_path) as (k, env, marker):
+        with libperfuse.connect(str(tmp_path), fstype="hello", source="hello") as chan:
+            assert isinstance(chan, libperfuse.PerfuseChannel)
+            fd = chan.fileno()
+            daemon = subprocess.Popen([exe, "-f", "/dev/fd/%d" % fd], pass_fds=[fd], env=env)
+        assert chan.fileno() == -1                 # closed on leaving the block
+        assert k.mounted.wait(20)
+        assert k.kargs[122:136] == b"perfuse|hello\0" and k.kargs[154:160] == b"hello\0"
+        assert k.lookup(k.root, "hello").rv == 0
+        finish(k, marker, daemon)
