@@ -3112,3 +3112,33 @@ def test_connect_gives_a_channel_ready_for_fuse_init(tmp_path):
         assert k.kargs[122:136] == b"perfuse|hello\0" and k.kargs[154:160] == b"hello\0"
         assert k.lookup(k.root, "hello").rv == 0
         finish(k, marker, daemon)
+
+
+def test_pyfuse3_serves_a_libperfuse_channel(tmp_path):
+    """README's example: a Python file system mounts with libperfuse.connect()
+    and pyfuse3 serves the channel by its /dev/fd name."""
+    py = "/usr/bin/python3"
+    if not os.path.exists(py) or subprocess.run([py, "-c", "import pyfuse3, trio"],
+                                                 capture_output=True).returncode:
+        if IN_CI:
+            pytest.fail("python3-pyfuse3 is not installed")
+        pytest.skip("python3-pyfuse3 is not installed")
+    fs = tmp_path / "pyfs.py"
+    fs.write_text(PYFUSE3_FS)
+    main = tmp_path / "main.py"
+    main.write_text(
+        "import runpy, sys\n"
+        "sys.path.insert(0, %r)\n"
+        "import libperfuse\n"
+        "with libperfuse.connect(sys.argv[1], fstype='fuse.pyfs') as chan:\n"
+        "    sys.argv = [sys.argv[0], '/dev/fd/%%d' %% chan.fileno(), sys.argv[2]]\n"
+        "    runpy.run_path(%r, run_name='__main__')\n" % (HERE, str(fs)))
+    (tmp_path / "mnt").mkdir()
+    with perfused_environment(tmp_path) as (k, env, marker):
+        proc = subprocess.Popen([py, str(main), str(tmp_path / "mnt"), str(tmp_path / "counts")],
+                                pass_fds=[k._dev_sock.fileno()], env=env)
+        assert k.mounted.wait(20)
+        assert k.kargs[122:140] == b"perfuse|fuse.pyfs\0"
+        r = k.lookup(k.root, "f003")
+        assert r.rv == 0 and read_all(k, r.newnode, r.size) == b"content of 3\n"
+        finish(k, marker, proc)
