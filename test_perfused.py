@@ -1423,14 +1423,19 @@ finally:
 '''
 
 
-def test_pyfuse3_readdirplus_only_daemon(tmp_path):
+def need_pyfuse3():
+    """Debian's python3-pyfuse3 imports in the system interpreter only."""
     py = "/usr/bin/python3"
-    ok = os.path.exists(py) and subprocess.run(
-        [py, "-c", "import pyfuse3, trio"], capture_output=True).returncode == 0
-    if not ok:
-        if IN_CI:
-            pytest.fail("python3-pyfuse3 is not installed")
-        pytest.skip("python3-pyfuse3 is not installed")
+    if os.path.exists(py) and subprocess.run([py, "-c", "import pyfuse3, trio"],
+                                             capture_output=True).returncode == 0:
+        return py
+    if IN_CI:
+        pytest.fail("python3-pyfuse3 is not installed")
+    pytest.skip("python3-pyfuse3 is not installed")
+
+
+def test_pyfuse3_readdirplus_only_daemon(tmp_path):
+    py = need_pyfuse3()
     script = tmp_path / "pyfs.py"
     script.write_text(PYFUSE3_FS)
     forgets = tmp_path / "forgets"
@@ -3117,12 +3122,7 @@ def test_connect_gives_a_channel_ready_for_fuse_init(tmp_path):
 def test_pyfuse3_serves_a_libperfuse_channel(tmp_path):
     """README's example: a Python file system mounts with libperfuse.connect()
     and pyfuse3 serves the channel by its /dev/fd name."""
-    py = "/usr/bin/python3"
-    if not os.path.exists(py) or subprocess.run([py, "-c", "import pyfuse3, trio"],
-                                                 capture_output=True).returncode:
-        if IN_CI:
-            pytest.fail("python3-pyfuse3 is not installed")
-        pytest.skip("python3-pyfuse3 is not installed")
+    py = need_pyfuse3()
     fs = tmp_path / "pyfs.py"
     fs.write_text(PYFUSE3_FS)
     main = tmp_path / "main.py"
