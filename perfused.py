@@ -1171,11 +1171,8 @@ def op_setattr(relay, req):
         valid |= FATTR_FH
     body = SETATTR_IN.pack(valid, 0, fh or 0, size, 0, atime, mtime, 0,
                            atimens, mtimens, 0, mode, 0, uid, gid, 0)
-    node.busy += 1
-    try:
+    with relay.in_use(node):
         payload = yield FuseRequest(F.SETATTR, node.nodeid, (body,), cred, ATTR_OUT.size)
-    finally:
-        relay.unbusy(node)
     fields = ATTR_OUT.unpack_from(payload)
     if not req.faf:
         _attr_reply(req, node, fields)
@@ -1205,11 +1202,12 @@ def op_access(relay, req):
 # --- open files ----------------------------------------------------------------
 
 def _open(relay, node, mode, cred):
-    """Open a FUSE handle for mode (FREAD/FWRITE bits) and record it."""
+    """Open a FUSE handle for mode (FREAD/FWRITE bits) and record it;
+    returns the daemon's open_flags."""
     opcode = F.OPENDIR if node.is_dir else F.OPEN
     if relay.lacks(FUSE_OPNAMES[opcode]):
         relay.adopt_handle(node, 0, mode)
-        return
+        return 0
     flags = host_open_flags(mode) if not node.is_dir else os.O_RDONLY
     try:
         payload = yield FuseRequest(opcode, node.nodeid, (OPEN_IN.pack(flags, 0),),
@@ -1234,7 +1232,7 @@ def op_open(relay, req):
     if missing:
         open_flags = yield from _open(relay, node, missing | (mode & ~(FREAD | FWRITE)),
                                       req.cred(req.msg.pvnr_cred))
-        if open_flags and open_flags & FOPEN_DIRECT_IO:
+        if open_flags & FOPEN_DIRECT_IO:
             req.msg.pvnr_oflags = PUFFS_OPEN_IO_DIRECT
 
 
@@ -1294,8 +1292,7 @@ def op_read(relay, req):
     # daemon takes, all in flight at once.
     want = min(resid, max(node.size - offset, relay.max_read)) if offset < node.size else 0
     done = 0
-    node.busy += 1
-    try:
+    with relay.in_use(node):
         if want:
             fh = yield from handle_for(relay, req, node, FREAD)
             cred = req.cred(msg.pvnr_cred)
@@ -1316,8 +1313,6 @@ def op_read(relay, req):
                 done += n
                 if n < size:
                     break
-    finally:
-        relay.unbusy(node)
     msg.pvnr_resid = resid - done
     return data_off + done + 4 if done else c.sizeof(MsgRw)
 
@@ -1329,8 +1324,7 @@ def op_write(relay, req):
     if resid > len(data):
         raise PuffsError(E.EINVAL, "WRITE resid beyond its frame")
     done = 0
-    node.busy += 1
-    try:
+    with relay.in_use(node):
         if resid:
             fh = yield from handle_for(relay, req, node, FWRITE)
             cred = req.cred(msg.pvnr_cred)
@@ -1345,11 +1339,9 @@ def op_write(relay, req):
                     raise got
                 n = WRITE_OUT.unpack_from(got)[0]
                 done += min(n, size)
+                node.size = max(node.size, offset + done)
                 if n != size:
                     raise FuseError(errno.EIO, "WRITE answered %d of %d bytes" % (n, size))
-    finally:
-        relay.unbusy(node)
-        node.size = max(node.size, offset + done)
     msg.pvnr_resid = 0
     return c.sizeof(MsgRw)
 
@@ -1363,16 +1355,14 @@ def op_fsync(relay, req):
     flags = FUSE_FSYNC_FDATASYNC if req.msg.pvnr_flags & FSYNC_DATAONLY else 0
     if relay.debug.sync:
         LOG.debug("  fsync node %#x flags %#x", node.nodeid, req.msg.pvnr_flags)
-    node.busy += 1
-    try:
-        yield FuseRequest(opcode, node.nodeid, (FSYNC_IN.pack(fh, flags, 0),),
-                          req.cred(req.msg.pvnr_cred))
-    except FuseError as e:
-        if e.errno != errno.ENOSYS:
-            raise
-        relay.mark_lacking(FUSE_OPNAMES[opcode])   # nothing to sync: success
-    finally:
-        relay.unbusy(node)
+    with relay.in_use(node):
+        try:
+            yield FuseRequest(opcode, node.nodeid, (FSYNC_IN.pack(fh, flags, 0),),
+                              req.cred(req.msg.pvnr_cred))
+        except FuseError as e:
+            if e.errno != errno.ENOSYS:
+                raise
+            relay.mark_lacking(FUSE_OPNAMES[opcode])   # nothing to sync: success
 
 
 def op_seek(relay, req):
@@ -1718,17 +1708,14 @@ def _fallocate(mode):
         if relay.lacks("FALLOCATE"):
             raise PuffsError(E.EOPNOTSUPP)
         fh = yield from handle_for(relay, req, node, FWRITE)
-        node.busy += 1
-        try:
-            yield FuseRequest(F.FALLOCATE, node.nodeid,
-                              (FALLOCATE_IN.pack(fh, req.msg.pvnr_off, req.msg.pvnr_len, mode, 0),),
-                              req.cred())
-        except FuseError as e:
-            if e.errno in (errno.ENOSYS, errno.EOPNOTSUPP) and mode == 0:
-                relay.mark_lacking("FALLOCATE")
-            raise PuffsError(E.EOPNOTSUPP) if e.errno == errno.ENOSYS else e
-        finally:
-            relay.unbusy(node)
+        with relay.in_use(node):
+            try:
+                yield FuseRequest(F.FALLOCATE, node.nodeid, (FALLOCATE_IN.pack(
+                    fh, req.msg.pvnr_off, req.msg.pvnr_len, mode, 0),), req.cred())
+            except FuseError as e:
+                if e.errno in (errno.ENOSYS, errno.EOPNOTSUPP) and mode == 0:
+                    relay.mark_lacking("FALLOCATE")
+                raise PuffsError(E.EOPNOTSUPP) if e.errno == errno.ENOSYS else e
         if mode == 0:
             node.size = max(node.size, req.msg.pvnr_off + req.msg.pvnr_len)
     return op_fallocate
@@ -1814,6 +1801,23 @@ DEFAULT_VNOPS = {name for (cls, _), op in OPS.items() if cls == VN
 # ---------------------------------------------------------------------------
 # 7. Relay loop
 # ---------------------------------------------------------------------------
+
+class NodeInUse:
+    __slots__ = ("relay", "node")
+
+    def __init__(self, relay, node):
+        self.relay, self.node = relay, node
+
+    def __enter__(self):
+        self.node.busy += 1
+
+    def __exit__(self, *exc):
+        node = self.node
+        node.busy -= 1
+        if node.busy == 0 and node.flags & RELEASE_DUE:
+            node.flags &= ~RELEASE_DUE
+            self.relay.release_handles(node)
+
 
 class InFlight:
     """A FUSE request awaiting its reply: the translator to resume, or a
@@ -1934,11 +1938,10 @@ class Relay:
         self.send_detached(FuseRequest(opcode, node.nodeid,
                                        (RELEASE_IN.pack(fh, 0, 0, 0),)), "RELEASE")
 
-    def unbusy(self, node):
-        node.busy -= 1
-        if node.busy == 0 and node.flags & RELEASE_DUE:
-            node.flags &= ~RELEASE_DUE
-            self.release_handles(node)
+    def in_use(self, node):
+        """`with relay.in_use(node):` around requests using the node's
+        handles; a RELEASE due meanwhile waits until the last one ends."""
+        return NodeInUse(self, node)
 
     # --- FUSE side ----------------------------------------------------------
 

@@ -3142,3 +3142,22 @@ def test_pyfuse3_serves_a_libperfuse_channel(tmp_path):
         r = k.lookup(k.root, "f003")
         assert r.rv == 0 and read_all(k, r.newnode, r.size) == b"content of 3\n"
         finish(k, marker, proc)
+
+
+def test_release_waits_for_io_in_flight_on_the_handle():
+    held = []
+    handlers = {"LOOKUP": names_handler({"f": (10, 0o100644, 100)}),
+                "READ": lambda h, b: held.append(h["unique"])}       # no answer yet
+    with FakeMount(handlers) as m:
+        k, d = m.k, m.daemon
+        c = k.lookup(k.root, "f").newnode
+        assert k.open(c, FREAD).rv == 0
+        rid = k.send(OPCLASS_VN, VN["READ"], c,
+                     kcred() + bytes(4) + struct.pack("<qQi4x", 0, 100, 0), buflen=268, wait=False)
+        assert wait_for(lambda: held)
+        assert k.inactive(c).rv == 0            # the kernel drops its reference
+        time.sleep(0.2)
+        assert not d.seen("RELEASE"), "RELEASE while a READ on the handle is in flight"
+        d.answer(held[0], b"x" * 100)
+        assert k.wait(rid).rv == 0
+        assert wait_for(lambda: d.seen("RELEASE"))
