@@ -2634,8 +2634,7 @@ def negotiate_init(channel, relay):
     # libperfuse sizes both ends alike, so ours is the best guess.
     relay.max_read = max(4096, min(pages * 4096, relay.max_read_cap, channel.rcvbuf - 4096))
     # A WRITE record is header + write_in + data: keep it within our buffer.
-    relay.max_write = max(4096, min(max_write or 4096, pages * 4096,
-                                    channel.sndbuf - 4096 if channel.sndbuf > 8192 else 4096))
+    relay.max_write = max(4096, min(max_write or 4096, pages * 4096, channel.sndbuf - 4096))
     relay.daemon_readdirplus = bool(flags & FUSE_DO_READDIRPLUS)
     LOG.info("daemon speaks FUSE %d.%d, flags %#x, max_read %d, max_write %d",
              major, minor, flags, relay.max_read, relay.max_write)
