@@ -206,16 +206,18 @@ PUFFSOP_VFS, PUFFSOP_VN, PUFFSOP_ERROR = 1, 2, 4
 PUFFSOP_FLUSH, PUFFSOP_UNMOUNT = 5, 7
 PUFFSOP_OPCMASK, PUFFSOPFLAG_FAF, PUFFSOPFLAG_ISRESPONSE = 0x7, 0x10, 0x20
 
-PUFFS_KFLAG_CACHE_FS_TTL, PUFFS_KFLAG_CACHE_DOTDOT = 0x80, 0x100
-PUFFS_KFLAG_NOFLUSH_META = 0x200
+PUFFS_KFLAG_CACHE_FS_TTL, PUFFS_KFLAG_NOFLUSH_META = 0x80, 0x200
 PUFFS_KFLAG_MASK = 0x3BF
-DEFAULT_KFLAGS = (PUFFS_KFLAG_CACHE_FS_TTL | PUFFS_KFLAG_CACHE_DOTDOT
-                  | PUFFS_KFLAG_NOFLUSH_META)
+# No PUFFS_KFLAG_CACHE_DOTDOT: with it every cached vnode holds its parent,
+# and this kernel's single-pass vflush then fails unmount with EBUSY.
+DEFAULT_KFLAGS = PUFFS_KFLAG_CACHE_FS_TTL | PUFFS_KFLAG_NOFLUSH_META
+PAGE_SIZE = 4096
 
-PUFFS_SETBACK_NOREF_N2 = 0x8
+PUFFS_SETBACK_NOREF_N1, PUFFS_SETBACK_NOREF_N2 = 0x4, 0x8
 PUFFS_OPEN_IO_DIRECT = 0x1
 PUFFS_EXTATTR_LIST_LENPREFIX = 0x1
 PUFFS_INVAL_NAMECACHE_DIR, PUFFS_INVAL_PAGECACHE_NODE_RANGE = 1, 3
+PUFFS_FLUSH_PAGECACHE_NODE_RANGE = 4
 PUFFS_VN_MAX, PUFFS_VN_SPARE = 48, 30   # the vnopmask has one byte per op
 PUFFS_MSG_MAXSIZE = 2 * 65536
 MAX_REPLY_BUFFER = 64 << 20           # sanity bound on a kernel's preq_buflen
@@ -416,8 +418,7 @@ FATTR_MODE, FATTR_UID, FATTR_GID, FATTR_SIZE = 1, 2, 4, 8
 FATTR_ATIME, FATTR_MTIME, FATTR_FH = 16, 32, 64
 FATTR_ATIME_NOW, FATTR_MTIME_NOW = 128, 256
 FUSE_GETATTR_FH, FUSE_LK_FLOCK, FUSE_FSYNC_FDATASYNC = 1, 1, 1
-FOPEN_DIRECT_IO = 1
-FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 1, 2
+FOPEN_DIRECT_IO, FOPEN_KEEP_CACHE = 1, 2
 FUSE_NOTIFY_INVAL_INODE, FUSE_NOTIFY_INVAL_ENTRY, FUSE_NOTIFY_DELETE = 2, 3, 6
 
 S = struct.Struct
@@ -511,6 +512,25 @@ class Gather:
 
 def timespec_of(sec, nsec):
     return Timespec(min(sec, 0x7FFFFFFFFFFFFFFF), nsec)
+
+
+# The kernel keeps name and attribute TTLs as 32-bit tick counts: a longer
+# timeout wraps and expires at once.  A day is plenty.
+MAX_TTL = 86400
+
+
+def ttl_of(sec, nsec):
+    return Timespec(sec, min(nsec, 999999999)) if sec < MAX_TTL else Timespec(MAX_TTL, 0)
+
+
+class KernelFlush:
+    """A PUFFSOP_FLUSH a translator yields to wait for: the yield returns
+    the kernel's answer (an errno, 0 on success)."""
+
+    __slots__ = ("op", "start", "end")
+
+    def __init__(self, op, start=0, end=0):
+        self.op, self.start, self.end = op, start, end     # end 0: to the end of file
 
 
 # ---------------------------------------------------------------------------
@@ -776,8 +796,15 @@ def default_bufsize():
 # 5. Node table
 # ---------------------------------------------------------------------------
 
-SHARED_FH = 0x1      # Node.flags: rfh and wfh are one O_RDWR open
-RELEASE_DUE = 0x2    # Node.flags: release the handles once I/O in flight ends
+# Node.flags
+SHARED_FH = 0x1      # rfh and wfh are one O_RDWR open
+RELEASE_DUE = 0x2    # release the handles once the requests using them end
+FORGET_DUE = 0x4     # the kernel let go: FORGET once requests and subdirectories end
+STALE = 0x8          # the daemon reused the node id for another file: answer ESTALE
+REMOVED = 0x10       # unlinked or renamed over: INACTIVE answers NOREF
+PAGES_READ = 0x20    # READ or WRITE reached the daemon since the last OPEN
+DROP_PAGES = 0x40    # the last OPEN reply lacked FOPEN_KEEP_CACHE
+LISTED = 0x80        # READDIR served entries from the current directory handle
 
 
 class Node:
@@ -785,15 +812,20 @@ class Node:
     (a few hundred bytes: a mount may hold a hundred thousand of them)."""
 
     __slots__ = ("nodeid", "cookie", "fuse_nlookup", "puffs_nlookup", "mode",
-                 "uid", "gid", "size", "rfh", "wfh", "busy", "flags")
+                 "uid", "gid", "size", "rfh", "wfh", "busy", "flags", "parent",
+                 "subdirs", "gen")
 
     def __init__(self, nodeid, cookie):
         self.nodeid, self.cookie = nodeid, cookie
-        self.fuse_nlookup = self.puffs_nlookup = 0
+        self.fuse_nlookup = 0           # lookups the daemon counted for this node
+        self.puffs_nlookup = 0          # lookups the kernel counts for the cookie
         self.mode = self.uid = self.gid = self.size = 0
         self.rfh = self.wfh = None      # FUSE handles open for reading, writing
-        self.busy = 0                   # requests using the handles in flight
+        self.busy = 0                   # requests on the node's handles in flight
         self.flags = 0
+        self.parent = None              # directories: the Node of "..", as last seen
+        self.subdirs = 0                # directory nodes known whose parent this is
+        self.gen = 0                    # the daemon's generation for the node id
 
     @property
     def is_dir(self):
@@ -801,14 +833,33 @@ class Node:
 
 
 class NodeTable:
-    """PUFFS cookies <-> FUSE node ids.  Cookies come from a counter (never 0,
-    never reused) so a reclaimed vnode can never be confused with a new one."""
+    """PUFFS cookies <-> FUSE node ids, and the life-cycle rules of both.
+
+    Cookies come from a counter (never 0, never reused), so a reclaimed vnode
+    is never confused with a new one.  The table owns:
+      - lookup counts: the daemon's (+1 per entry reply) and the kernel's
+        (+1 per entry given to it, -n at RECLAIM); FORGET carries exactly the
+        daemon's count once the kernel lets go;
+      - parents of directories, to answer LOOKUP ".." without the daemon
+        (Linux never sends it and daemons do not answer it reliably); a
+        directory stays known while a subdirectory node is;
+      - incarnations: a node id the daemon hands out again for another file
+        while the kernel still holds the old cookie gets a fresh cookie; the
+        old node answers ESTALE until RECLAIM;
+      - handles and the order of their requests: no RELEASE while a FLUSH or
+        I/O on the handle is unanswered, no FORGET while a FLUSH or RELEASE
+        of the node is unanswered (daemons crash otherwise).
+    `send_release(node, fh)` sends a RELEASE, counted in node.busy until
+    answered; FORGETs gather in `forgets` for the relay to send.
+    """
 
     ROOT_COOKIE = 1
 
-    def __init__(self):
+    def __init__(self, send_release=None):
         self.by_cookie = {}
-        self.by_nodeid = {}
+        self.by_nodeid = {}             # node id -> its current incarnation
+        self.forgets = []               # (node id, count) to send
+        self.send_release = send_release
         self._next_cookie = self.ROOT_COOKIE + 1
         self._high_water = 0
         self.root = self._add(FUSE_ROOT_ID, self.ROOT_COOKIE)
@@ -822,19 +873,86 @@ class NodeTable:
     def get(self, cookie):
         return self.by_cookie.get(cookie)
 
-    def for_nodeid(self, nodeid):
-        """The node for a nodeid a daemon reply named (created if new)."""
-        node = self.by_nodeid.get(nodeid)
+    def current(self, nodeid):
+        return self.by_nodeid.get(nodeid)
+
+    # --- lookup counts ---------------------------------------------------
+
+    def account_entry(self, entry, parent, fresh=False):
+        """The daemon counted one more lookup of entry.nodeid under parent.
+        `fresh`: the reply made a new file (CREATE, MKDIR...), so a node the
+        kernel still holds under that id is another, older file."""
+        node = self.by_nodeid.get(entry.nodeid)
+        mode = entry.attr[9]
+        if node is not None and node is not self.root and node.puffs_nlookup > 0 and (
+                fresh or stat.S_IFMT(mode) != stat.S_IFMT(node.mode)
+                or entry.generation != node.gen):
+            node.flags |= STALE
+            node = None
         if node is None:
-            cookie = self._next_cookie
+            node = self._add(entry.nodeid, self._next_cookie)
             self._next_cookie += 1
-            node = self._add(nodeid, cookie)
+        node.fuse_nlookup += 1
+        node.gen = entry.generation
+        remember_attr(node, entry.attr)
+        if node.is_dir and parent is not None and node is not parent \
+                and node is not self.root:
+            self.set_parent(node, parent)
         return node
 
-    def drop(self, node):
-        self.by_cookie.pop(node.cookie, None)
+    def set_parent(self, node, parent):
+        if node.parent is parent:
+            return
+        old, node.parent = node.parent, parent
+        parent.subdirs += 1
+        if old is not None:
+            self._subdir_gone(old)
+
+    def _subdir_gone(self, parent):
+        parent.subdirs -= 1
+        if parent.subdirs == 0 and parent.flags & FORGET_DUE:
+            self._forget(parent)
+
+    def kernel_took(self, node):
+        node.puffs_nlookup += 1
+
+    def reclaimed(self, node, nlookup):
+        """RECLAIM: the kernel dropped nlookup references to the cookie."""
+        node.puffs_nlookup -= nlookup
+        if node.puffs_nlookup <= 0 and node is not self.root:
+            self.let_go(node)
+
+    def let_go(self, node):
+        """Nobody in the kernel holds the node: close it, then FORGET it
+        once nothing is in flight on it and no subdirectory needs it."""
+        node.puffs_nlookup = 0
+        node.flags |= FORGET_DUE
+        self.release_handles(node)
+        self._forget(node)
+
+    def unheld(self, node):
+        """For entries the daemon counted but the kernel never saw
+        (READDIRPLUS, LINK)."""
+        if node is not None and node.puffs_nlookup <= 0 and node is not self.root:
+            self.let_go(node)
+
+    def _forget(self, node):
+        if node.busy or node.subdirs or not node.flags & FORGET_DUE:
+            return
+        if self.by_cookie.get(node.cookie) is node:
+            del self.by_cookie[node.cookie]
         if self.by_nodeid.get(node.nodeid) is node:
             del self.by_nodeid[node.nodeid]
+        if node.fuse_nlookup > 0:
+            self.forgets.append((node.nodeid, node.fuse_nlookup))
+        node.fuse_nlookup = 0
+        node.flags &= ~FORGET_DUE
+        if node.parent is not None:
+            parent, node.parent = node.parent, None
+            self._subdir_gone(parent)
+        self._shrink()
+
+    def _shrink(self):
         # dicts never shrink by themselves: rebuild them once most of a big
         # table is gone, so memory comes back after the kernel reclaims
         size = len(self.by_cookie)
@@ -845,8 +963,62 @@ class NodeTable:
             self.by_nodeid = dict(self.by_nodeid)
             self._high_water = size
 
+    # --- handles -----------------------------------------------------------
+
+    def adopt_handle(self, node, fh, mode):
+        """Record a fresh handle in the empty slots its mode covers; one that
+        fills no slot (a racing open got there first) is released."""
+        took = False
+        if mode & FREAD and node.rfh is None:
+            node.rfh, took = fh, True
+        if mode & FWRITE and node.wfh is None:
+            node.flags = node.flags | SHARED_FH if took else node.flags & ~SHARED_FH
+            node.wfh, took = fh, True
+        if not took:
+            self.send_release(node, fh)
+
+    def release_handles(self, node):
+        if node.busy:
+            node.flags |= RELEASE_DUE
+            return
+        handles = (node.rfh, None if node.flags & SHARED_FH else node.wfh)
+        node.rfh = node.wfh = None
+        node.flags &= ~(SHARED_FH | RELEASE_DUE | LISTED)
+        for fh in handles:
+            if fh is not None:
+                self.send_release(node, fh)
+
+    def busy(self, node):
+        node.busy += 1
+
+    def idle(self, node):
+        """A request on the node's handles ended: what waited for it goes."""
+        node.busy -= 1
+        if node.busy == 0:
+            if node.flags & RELEASE_DUE:
+                self.release_handles(node)
+            self._forget(node)
+
+    def in_use(self, node):
+        """`with nodes.in_use(node):` around requests using the node's
+        handles."""
+        return NodeInUse(self, node)
+
     def __len__(self):
         return len(self.by_cookie)
+
+
+class NodeInUse:
+    __slots__ = ("nodes", "node")
+
+    def __init__(self, nodes, node):
+        self.nodes, self.node = nodes, node
+
+    def __enter__(self):
+        self.nodes.busy(self.node)
+
+    def __exit__(self, *exc):
+        self.nodes.idle(self.node)
 
 
 # ---------------------------------------------------------------------------
@@ -934,14 +1106,14 @@ def remember_attr(node, attr):
 class EntryReply:
     """A decoded fuse_entry_out."""
 
-    __slots__ = ("nodeid", "entry_valid", "attr_valid",
+    __slots__ = ("nodeid", "generation", "entry_valid", "attr_valid",
                  "entry_nsec", "attr_nsec", "attr")
 
     def __init__(self, payload):
         if len(payload) < ENTRY_OUT_SIZE:
             raise FuseError(errno.EPROTO, "short entry reply")
         fields = ENTRY_OUT.unpack_from(payload)
-        (self.nodeid, _generation, self.entry_valid, self.attr_valid,
+        (self.nodeid, self.generation, self.entry_valid, self.attr_valid,
          self.entry_nsec, self.attr_nsec) = fields[:6]
         self.attr = fields[6:]
 
@@ -978,23 +1150,23 @@ def check_access(node, kcred, want):
         raise PuffsError(E.EACCES)
 
 
-def entry_reply_to_kernel(relay, req, entry):
+def entry_reply_to_kernel(relay, req, entry, fresh=False):
     """Account a new-node reply and fill the kernel's newnode/vattr/ttls."""
     if entry.nodeid == 0:
         raise PuffsError(E.ENOENT)          # a negative (cacheable) entry
     if entry.nodeid == req.node.nodeid:
         # The kernel would refuse its own directory as the new node (and
         # answer EPROTO); give the daemon its count back and fail the op.
-        relay.forgets.append((entry.nodeid, 1))
+        relay.nodes.forgets.append((entry.nodeid, 1))
         LOG.error("daemon answered a name in %#x with the directory itself", entry.nodeid)
         raise PuffsError(E.EIO)
-    node = relay.account_entry(entry)
+    node = relay.nodes.account_entry(entry, req.node, fresh)
     msg = req.msg
     msg.pvnr_newnode = node.cookie
     fill_vattr(msg.pvnr_va, entry.attr)
-    msg.pvnr_va_ttl = timespec_of(entry.attr_valid, entry.attr_nsec)
-    msg.pvnr_cn_ttl = timespec_of(entry.entry_valid, entry.entry_nsec)
-    node.puffs_nlookup += 1
+    msg.pvnr_va_ttl = ttl_of(entry.attr_valid, entry.attr_nsec)
+    msg.pvnr_cn_ttl = ttl_of(entry.entry_valid, entry.entry_nsec)
+    relay.nodes.kernel_took(node)
     return node
 
 
@@ -1006,14 +1178,34 @@ def op_lookup(relay, req):
         if (msg.pvnr_cn.pkcn_nameiop != NAMEI_LOOKUP
                 and msg.pvnr_cn.pkcn_flags & ISLASTCN):
             check_access(req.node, msg.pvnr_cn_cred, VWRITE)
+    if name == b"..":
+        yield from lookup_parent(relay, req)
+        return None
     payload = yield FuseRequest(F.LOOKUP, req.node.nodeid, (name, b"\0"),
                                 req.cred(msg.pvnr_cn_cred), ENTRY_OUT_SIZE)
     entry = EntryReply(payload)
-    node = entry_reply_to_kernel(relay, req, entry)
+    entry_reply_to_kernel(relay, req, entry)
     msg.pvnr_vtype = msg.pvnr_va.va_type
     msg.pvnr_size = entry.attr[1]
     msg.pvnr_rdev = msg.pvnr_va.va_rdev
     return None
+
+
+def lookup_parent(relay, req):
+    """LOOKUP "..", answered from the parent the node table recorded: the
+    kernel sends it (no CACHE_DOTDOT, so that unmount can recycle vnodes),
+    FUSE daemons are never asked it."""
+    parent = req.node.parent
+    if parent is None:
+        LOG.error("LOOKUP .. of node %#x, whose parent is unknown", req.node.nodeid)
+        raise PuffsError(E.EIO)
+    msg = req.msg
+    fields = yield from _getattr(relay, req, parent, req.cred(msg.pvnr_cn_cred))
+    _attr_reply(req, parent, fields)
+    msg.pvnr_cn_ttl = msg.pvnr_va_ttl
+    msg.pvnr_newnode = parent.cookie
+    msg.pvnr_vtype, msg.pvnr_size, msg.pvnr_rdev = VDIR, parent.size, 0
+    relay.nodes.kernel_took(parent)
 
 
 def _make_node(relay, req, opcode, parts):
@@ -1042,12 +1234,13 @@ def op_create(relay, req):
             if len(payload) < ENTRY_OUT_SIZE + OPEN_OUT.size:
                 raise FuseError(errno.EPROTO, "short CREATE reply")
             fh, open_flags, _ = OPEN_OUT.unpack_from(payload, ENTRY_OUT_SIZE)
-            node = entry_reply_to_kernel(relay, req, entry)
-            relay.adopt_handle(node, fh, FREAD | FWRITE)
+            node = entry_reply_to_kernel(relay, req, entry, fresh=True)
+            relay.nodes.adopt_handle(node, fh, FREAD | FWRITE)
+            opened(node, open_flags)
             return None
     entry, _ = yield from _make_node(
         relay, req, F.MKNOD, (MKNOD_IN.pack(mode, 0, 0, 0), name, b"\0"))
-    entry_reply_to_kernel(relay, req, entry)
+    entry_reply_to_kernel(relay, req, entry, fresh=True)
     return None
 
 
@@ -1059,7 +1252,7 @@ def op_mknod(relay, req):
     entry, _ = yield from _make_node(
         relay, req, F.MKNOD, (MKNOD_IN.pack(mode, rdev & 0xFFFFFFFF, 0, 0),
                               kcn_name(msg.pvnr_cn, relay), b"\0"))
-    entry_reply_to_kernel(relay, req, entry)
+    entry_reply_to_kernel(relay, req, entry, fresh=True)
 
 
 def op_mkdir(relay, req):
@@ -1067,7 +1260,7 @@ def op_mkdir(relay, req):
     entry, _ = yield from _make_node(
         relay, req, F.MKDIR, (MKDIR_IN.pack(msg.pvnr_va.va_mode & 0o7777, 0),
                               kcn_name(msg.pvnr_cn, relay), b"\0"))
-    entry_reply_to_kernel(relay, req, entry)
+    entry_reply_to_kernel(relay, req, entry, fresh=True)
 
 
 def op_symlink(relay, req):
@@ -1075,7 +1268,7 @@ def op_symlink(relay, req):
     target = bytes(msg.pvnr_link)           # c_char array stops at the NUL
     entry, _ = yield from _make_node(
         relay, req, F.SYMLINK, (kcn_name(msg.pvnr_cn, relay), b"\0", target, b"\0"))
-    entry_reply_to_kernel(relay, req, entry)
+    entry_reply_to_kernel(relay, req, entry, fresh=True)
 
 
 def op_link(relay, req):
@@ -1086,8 +1279,8 @@ def op_link(relay, req):
                                 req.cred(msg.pvnr_cn_cred), ENTRY_OUT_SIZE)
     entry = EntryReply(payload)
     if entry.nodeid:
-        relay.account_entry(entry)          # the daemon counts it: so do we
-        relay.forget_if_unheld(relay.nodes.by_nodeid.get(entry.nodeid))
+        # the daemon counts it: so do we; the kernel keeps its own vnode
+        relay.nodes.unheld(relay.nodes.account_entry(entry, None))
 
 
 def _remove(opcode):
@@ -1098,6 +1291,9 @@ def _remove(opcode):
         # The name is gone: let the kernel recycle the vnode at its next
         # inactive, so the node is reclaimed and FORGOTten promptly.
         req.hdr.preq_setbacks = PUFFS_SETBACK_NOREF_N2
+        target = relay.nodes.get(msg.pvnr_cookie_targ)
+        if target is not None:
+            target.flags |= REMOVED
     op_remove.__name__ = "op_" + FUSE_OPNAMES[opcode].lower()
     return op_remove
 
@@ -1109,6 +1305,12 @@ def op_rename(relay, req):
                       (RENAME_IN.pack(newdir.nodeid), kcn_name(msg.pvnr_cn_src, relay), b"\0",
                        kcn_name(msg.pvnr_cn_targ, relay), b"\0"),
                       req.cred(msg.pvnr_cn_targ_cred))
+    moved = relay.nodes.get(msg.pvnr_cookie_src)
+    if moved is not None and moved.is_dir:
+        relay.nodes.set_parent(moved, newdir)
+    replaced = relay.nodes.get(msg.pvnr_cookie_targ) if msg.pvnr_cookie_targ else None
+    if replaced is not None:
+        replaced.flags |= REMOVED
 
 
 # --- attributes ---------------------------------------------------------------
@@ -1126,7 +1328,7 @@ def _attr_reply(req, node, fields):
     attr = fields[3:]
     remember_attr(node, attr)
     fill_vattr(req.msg.pvnr_va, attr)
-    req.msg.pvnr_va_ttl = timespec_of(attr_valid, attr_nsec)
+    req.msg.pvnr_va_ttl = ttl_of(attr_valid, attr_nsec)
 
 
 def op_getattr(relay, req):
@@ -1147,16 +1349,20 @@ def op_setattr(relay, req):
         valid, gid = valid | FATTR_GID, va.va_gid
     if va.va_size != VNOVAL64:
         valid, size = valid | FATTR_SIZE, va.va_size
-    if va.va_vaflags & VA_UTIMES_NULL:
-        # utimes(NULL): "now" is the daemon's clock, not the caller's
-        valid |= FATTR_ATIME_NOW | FATTR_MTIME_NOW | FATTR_ATIME | FATTR_MTIME
-    else:
-        if va.va_atime.tv_sec != -1:
-            valid |= FATTR_ATIME
-            atime, atimens = va.va_atime.tv_sec, va.va_atime.tv_nsec
-        if va.va_mtime.tv_sec != -1:
-            valid |= FATTR_MTIME
-            mtime, mtimens = va.va_mtime.tv_sec, va.va_mtime.tv_nsec
+    atime_set, mtime_set = va.va_atime.tv_sec != -1, va.va_mtime.tv_sec != -1
+    if atime_set or mtime_set:
+        # Daemons (libfuse2's high level, sshfs) mishandle a SETATTR with one
+        # time alone: send both, the omitted one as it is now.
+        if not (atime_set and mtime_set):
+            now = (yield from _getattr(relay, req, node, req.cred(req.msg.pvnr_cred)))[3:]
+        atime, atimens = (va.va_atime.tv_sec, va.va_atime.tv_nsec) if atime_set \
+            else (now[3], now[6])
+        mtime, mtimens = (va.va_mtime.tv_sec, va.va_mtime.tv_nsec) if mtime_set \
+            else (now[4], now[7])
+        valid |= FATTR_ATIME | FATTR_MTIME
+        if va.va_vaflags & VA_UTIMES_NULL:
+            # utimes(NULL): the daemon's clock, with the kernel's as the values
+            valid |= FATTR_ATIME_NOW | FATTR_MTIME_NOW
     cred = req.cred(req.msg.pvnr_cred)
     if not valid:
         if req.faf:
@@ -1166,12 +1372,18 @@ def op_setattr(relay, req):
         fields = yield from _getattr(relay, req, node, cred)
         _attr_reply(req, node, fields)
         return None
+    if valid & FATTR_SIZE and size < node.size and not node.is_dir and not req.faf:
+        # truncate(2) leaves the old bytes in the cached last page (with no
+        # writer open the kernel does not zero it): write back, then drop,
+        # the pages from the new end on, or they come back when it grows.
+        for op in (PUFFS_FLUSH_PAGECACHE_NODE_RANGE, PUFFS_INVAL_PAGECACHE_NODE_RANGE):
+            yield KernelFlush(op, size & ~(PAGE_SIZE - 1))
     fh = node.wfh
     if fh is not None and not node.is_dir:
         valid |= FATTR_FH
     body = SETATTR_IN.pack(valid, 0, fh or 0, size, 0, atime, mtime, 0,
                            atimens, mtimens, 0, mode, 0, uid, gid, 0)
-    with relay.in_use(node):
+    with relay.nodes.in_use(node):
         payload = yield FuseRequest(F.SETATTR, node.nodeid, (body,), cred, ATTR_OUT.size)
     fields = ATTR_OUT.unpack_from(payload)
     if not req.faf:
@@ -1206,7 +1418,7 @@ def _open(relay, node, mode, cred):
     returns the daemon's open_flags."""
     opcode = F.OPENDIR if node.is_dir else F.OPEN
     if relay.lacks(FUSE_OPNAMES[opcode]):
-        relay.adopt_handle(node, 0, mode)
+        relay.nodes.adopt_handle(node, 0, mode)
         return 0
     flags = host_open_flags(mode) if not node.is_dir else os.O_RDONLY
     try:
@@ -1216,24 +1428,45 @@ def _open(relay, node, mode, cred):
         if e.errno != errno.ENOSYS:
             raise
         relay.mark_lacking(FUSE_OPNAMES[opcode])   # stateless daemon: fh 0
-        relay.adopt_handle(node, 0, mode)
+        relay.nodes.adopt_handle(node, 0, mode)
         return 0
     fh, open_flags, _ = OPEN_OUT.unpack_from(payload)
-    relay.adopt_handle(node, fh, mode)
+    if relay.debug.fh:
+        LOG.debug("  fh %#x for node %#x mode %#x", fh, node.nodeid, mode)
+    relay.nodes.adopt_handle(node, fh, mode)
     return open_flags
+
+
+def opened(node, open_flags):
+    """Remember whether the daemon lets the kernel keep cached pages."""
+    if open_flags & FOPEN_KEEP_CACHE:
+        node.flags &= ~DROP_PAGES
+    else:
+        node.flags |= DROP_PAGES
 
 
 def op_open(relay, req):
     node = req.node
     mode = req.msg.pvnr_mode
+    if not node.is_dir and node.flags & DROP_PAGES and node.flags & PAGES_READ:
+        # As Linux does unless the last open said FOPEN_KEEP_CACHE: pages
+        # cached from before may be stale (a hard link the daemon reports
+        # as another node, another client).  Nothing reached the daemon since
+        # the last open: nothing new is cached.
+        node.flags &= ~PAGES_READ
+        for op in (PUFFS_FLUSH_PAGECACHE_NODE_RANGE, PUFFS_INVAL_PAGECACHE_NODE_RANGE):
+            yield KernelFlush(op)
     want = mode & (FREAD | FWRITE) or FREAD
     have = (FREAD if node.rfh is not None else 0) | (FWRITE if node.wfh is not None else 0)
     missing = want & ~have
     if missing:
         open_flags = yield from _open(relay, node, missing | (mode & ~(FREAD | FWRITE)),
                                       req.cred(req.msg.pvnr_cred))
+        opened(node, open_flags)
         if open_flags & FOPEN_DIRECT_IO:
             req.msg.pvnr_oflags = PUFFS_OPEN_IO_DIRECT
+    elif not node.is_dir:
+        node.flags |= DROP_PAGES   # a handle in use: the next open drops pages
 
 
 def handle_for(relay, req, node, mode):
@@ -1263,19 +1496,17 @@ def op_close(relay, req):
         return
     relay.send_detached(FuseRequest(F.FLUSH, node.nodeid,
                                     (FLUSH_IN.pack(fh, 0, 0, req.hdr.preq_pid),),
-                                    req.cred(req.msg.pvnr_cred)), "FLUSH")
+                                    req.cred(req.msg.pvnr_cred)), "FLUSH", node)
 
 
 def op_inactive(relay, req):
-    relay.release_handles(req.node)
+    relay.nodes.release_handles(req.node)
+    if req.node.flags & (REMOVED | STALE):
+        req.hdr.preq_setbacks |= PUFFS_SETBACK_NOREF_N1    # recycle it now
 
 
 def op_reclaim(relay, req):
-    node = req.node
-    node.puffs_nlookup -= req.msg.pvnr_nlookup
-    if node.puffs_nlookup <= 0 and node is not relay.nodes.root:
-        relay.release_handles(node)
-        relay.forget_now(node, node.fuse_nlookup)
+    relay.nodes.reclaimed(req.node, req.msg.pvnr_nlookup)
 
 
 def op_read(relay, req):
@@ -1292,8 +1523,9 @@ def op_read(relay, req):
     # daemon takes, all in flight at once.
     want = min(resid, max(node.size - offset, relay.max_read)) if offset < node.size else 0
     done = 0
-    with relay.in_use(node):
+    with relay.nodes.in_use(node):
         if want:
+            node.flags |= PAGES_READ
             fh = yield from handle_for(relay, req, node, FREAD)
             cred = req.cred(msg.pvnr_cred)
             chunks = [(offset + pos, min(relay.max_read, want - pos))
@@ -1324,8 +1556,9 @@ def op_write(relay, req):
     if resid > len(data):
         raise PuffsError(E.EINVAL, "WRITE resid beyond its frame")
     done = 0
-    with relay.in_use(node):
+    with relay.nodes.in_use(node):
         if resid:
+            node.flags |= PAGES_READ
             fh = yield from handle_for(relay, req, node, FWRITE)
             cred = req.cred(msg.pvnr_cred)
             chunks = [(pos, min(relay.max_write, resid - pos))
@@ -1355,7 +1588,7 @@ def op_fsync(relay, req):
     flags = FUSE_FSYNC_FDATASYNC if req.msg.pvnr_flags & FSYNC_DATAONLY else 0
     if relay.debug.sync:
         LOG.debug("  fsync node %#x flags %#x", node.nodeid, req.msg.pvnr_flags)
-    with relay.in_use(node):
+    with relay.nodes.in_use(node):
         try:
             yield FuseRequest(opcode, node.nodeid, (FSYNC_IN.pack(fh, flags, 0),),
                               req.cred(req.msg.pvnr_cred))
@@ -1393,10 +1626,15 @@ def op_readdir(relay, req):
     produced = 0
     eof = False
     plus = relay.readdirplus_only
+    if offset == 0 and node.flags & LISTED and not node.busy:
+        # A listing starts again: daemons such as sshfs cannot rewind a
+        # directory handle, so open a new one.
+        relay.nodes.release_handles(node)
     fh = node.rfh
     if fh is None:
         yield from _open(relay, node, FREAD, req.cred(msg.pvnr_cred))
         fh = node.rfh
+    node.flags |= LISTED
     while resid >= nb_dirent_reclen(1) and not eof:
         size = min(relay.max_read, max(4096, int(resid * relay.readdir_ratio) + 1024))
         opcode = F.READDIRPLUS if plus else F.READDIR
@@ -1429,8 +1667,7 @@ def op_readdir(relay, req):
             if plus:
                 entry = EntryReply(data[pos:pos + ENTRY_OUT_SIZE])
                 if entry.nodeid and name not in (b".", b".."):
-                    relay.account_entry(entry)
-                    relay.forget_if_unheld(relay.nodes.by_nodeid.get(entry.nodeid))
+                    relay.nodes.unheld(relay.nodes.account_entry(entry, node))
             pos = start + ((namelen + 7) & ~7)
             whole += 1
             if full:
@@ -1510,12 +1747,12 @@ def op_sync(relay, req):
 
 
 def op_unmount(relay, req):
+    relay.unmounting = True     # the kernel is unmounting: never ask it to
     if not relay.daemon_gone:
         try:
             yield FuseRequest(F.DESTROY, FUSE_ROOT_ID, ())
         except FuseError as e:
             LOG.info("DESTROY: %s", os.strerror(e.errno))
-    relay.unmounting = True
 
 
 PATHCONF_VALUES = {
@@ -1615,7 +1852,18 @@ def _xattr_op(relay, req, opcode, parts, min_reply=0):
         if e.errno == errno.ENOSYS:
             relay.mark_lacking("XATTR")
             raise PuffsError(E.EOPNOTSUPP)
+        if e.errno == getattr(errno, "ENODATA", None) and not linux_xattr_call(req):
+            # extattr_*(2) callers expect ENOATTR; the Linux-style
+            # getxattr(2) path (full "user." names) probes for ENODATA
+            raise PuffsError(E.ENOATTR)
         raise
+
+
+def linux_xattr_call(req):
+    """The kernel passes the full prefixed name on the getxattr(2) path and
+    the bare name with a namespace on the extattr_*(2) path."""
+    name = bytes(getattr(req.msg, "pvnr_attrname", b""))
+    return name.startswith(b"user.") or name.startswith(SYSTEM_XATTR_PREFIXES)
 
 
 def _check_system_ns(req):
@@ -1675,16 +1923,17 @@ def op_listextattr(relay, req):
         if not full:
             continue
         system = full.startswith(SYSTEM_XATTR_PREFIXES)
-        if ns == EXTATTR_NAMESPACE_USER and not system:
-            name = full[5:] if full.startswith(b"user.") else full
-        elif ns == EXTATTR_NAMESPACE_SYSTEM and system:
-            name = full[7:] if full.startswith(b"system.") else full
-        else:
+        if system != (ns == EXTATTR_NAMESPACE_SYSTEM):
             continue
         if msg.pvnr_flag & PUFFS_EXTATTR_LIST_LENPREFIX:
-            out += bytes((min(len(name), 255),)) + name[:255]
+            # extattr_list_file(2): bare names, length-prefixed
+            for prefix in (b"user.", b"system."):
+                if full.startswith(prefix):
+                    full = full[len(prefix):]
+                    break
+            out += bytes((min(len(full), 255),)) + full[:255]
         else:
-            out += name + b"\0"
+            out += full + b"\0"       # listxattr(2): full Linux-style names
     base = MsgListextattr.pvnr_data.offset
     msg.pvnr_datasize = len(out)
     n = min(len(out), msg.pvnr_resid, max(0, len(req.reply) - base))
@@ -1702,23 +1951,20 @@ def op_deleteextattr(relay, req):
 
 # --- space ---------------------------------------------------------------------------
 
-def _fallocate(mode):
-    def op_fallocate(relay, req):
-        node = req.node
-        if relay.lacks("FALLOCATE"):
-            raise PuffsError(E.EOPNOTSUPP)
-        fh = yield from handle_for(relay, req, node, FWRITE)
-        with relay.in_use(node):
-            try:
-                yield FuseRequest(F.FALLOCATE, node.nodeid, (FALLOCATE_IN.pack(
-                    fh, req.msg.pvnr_off, req.msg.pvnr_len, mode, 0),), req.cred())
-            except FuseError as e:
-                if e.errno in (errno.ENOSYS, errno.EOPNOTSUPP) and mode == 0:
-                    relay.mark_lacking("FALLOCATE")
-                raise PuffsError(E.EOPNOTSUPP) if e.errno == errno.ENOSYS else e
-        if mode == 0:
-            node.size = max(node.size, req.msg.pvnr_off + req.msg.pvnr_len)
-    return op_fallocate
+def op_fallocate(relay, req):
+    node = req.node
+    if relay.lacks("FALLOCATE"):
+        raise PuffsError(E.EOPNOTSUPP)
+    fh = yield from handle_for(relay, req, node, FWRITE)
+    with relay.nodes.in_use(node):
+        try:
+            yield FuseRequest(F.FALLOCATE, node.nodeid, (FALLOCATE_IN.pack(
+                fh, req.msg.pvnr_off, req.msg.pvnr_len, 0, 0),), req.cred())
+        except FuseError as e:
+            if e.errno in (errno.ENOSYS, errno.EOPNOTSUPP):
+                relay.mark_lacking("FALLOCATE")
+            raise PuffsError(E.EOPNOTSUPP) if e.errno == errno.ENOSYS else e
+    node.size = max(node.size, req.msg.pvnr_off + req.msg.pvnr_len)
 
 
 def op_poll(relay, req):
@@ -1783,8 +2029,9 @@ OPS = {(VN, PUFFS_VN[name]): Op(name, layout, run) for name, layout, run in (
     ("SETEXTATTR", MsgSetextattr, op_setextattr),
     ("LISTEXTATTR", MsgListextattr, op_listextattr),
     ("DELETEEXTATTR", MsgDeleteextattr, op_deleteextattr),
-    ("FALLOCATE", MsgFallocate, _fallocate(0)),
-    ("FDISCARD", MsgFallocate, _fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE)),
+    # fdiscard(2) arrives as FALLOCATE too (puffs_vnop_fdiscard sends the
+    # FALLOCATE op number): no FDISCARD reaches a file server.
+    ("FALLOCATE", MsgFallocate, op_fallocate),
 )}
 OPS.update({(VFS, PUFFS_VFS[name]): Op("VFS_" + name, layout, run, False)
             for name, layout, run in (
@@ -1802,32 +2049,15 @@ DEFAULT_VNOPS = {name for (cls, _), op in OPS.items() if cls == VN
 # 7. Relay loop
 # ---------------------------------------------------------------------------
 
-class NodeInUse:
-    __slots__ = ("relay", "node")
-
-    def __init__(self, relay, node):
-        self.relay, self.node = relay, node
-
-    def __enter__(self):
-        self.node.busy += 1
-
-    def __exit__(self, *exc):
-        node = self.node
-        node.busy -= 1
-        if node.busy == 0 and node.flags & RELEASE_DUE:
-            node.flags &= ~RELEASE_DUE
-            self.relay.release_handles(node)
-
-
 class InFlight:
     """A FUSE request awaiting its reply: the translator to resume, or a
     detached request whose reply is only logged, or one member of a Gather."""
 
-    __slots__ = ("gen", "req", "fuse", "detached", "gather", "index")
+    __slots__ = ("gen", "req", "fuse", "detached", "gather", "index", "node")
 
-    def __init__(self, gen, req, fuse, detached=None, gather=None, index=0):
+    def __init__(self, gen, req, fuse, detached=None, gather=None, index=0, node=None):
         self.gen, self.req, self.fuse, self.detached = gen, req, fuse, detached
-        self.gather, self.index = gather, index
+        self.gather, self.index, self.node = gather, index, node
 
 
 class Relay:
@@ -1836,7 +2066,7 @@ class Relay:
     def __init__(self, device, channel, options=None):
         options = options or {}
         self.device, self.channel = device, channel
-        self.nodes = NodeTable()
+        self.nodes = NodeTable(self.send_release)
         self.debug = options.get("debug") or Debug()
         self.trace = options.get("trace")
         popts = parse_perfuse_options(options.get("perfuse_options",
@@ -1847,7 +2077,6 @@ class Relay:
         self.max_read_cap = options.get("max_read", 128 * 1024)
         self.unique = 0
         self.inflight = {}
-        self.forgets = []
         self.lacking = set()
         self.init_flags = 0
         self.minor = 0
@@ -1862,6 +2091,7 @@ class Relay:
         self.unmounting = False
         self.kernel_gone = False
         self.flush_id = 1 << 63     # ids of our requests to the kernel: top bit set
+        self.kernel_waiting = {}    # flush id -> InFlight of the translator waiting
         self._spare = []            # large reply buffers to reuse
         self.unmount_requested = 0.0
 
@@ -1882,66 +2112,15 @@ class Relay:
             raise PuffsError(E.ENOENT, "unknown cookie %#x" % cookie)
         return node
 
-    def account_entry(self, entry):
-        node = self.nodes.for_nodeid(entry.nodeid)
-        node.fuse_nlookup += 1
-        remember_attr(node, entry.attr)
-        return node
-
-    def forget_if_unheld(self, node):
-        """A node the daemon counted but the kernel does not hold."""
-        if node is not None and node.puffs_nlookup <= 0 and node is not self.nodes.root:
-            self.release_handles(node)
-            self.forget_now(node, node.fuse_nlookup)
-
-    def forget_now(self, node, count):
-        """Drop a node and give the daemon back its lookup count."""
-        if node is self.nodes.root:
-            return
-        self.nodes.drop(node)
-        if count > 0:
-            self.forgets.append((node.nodeid, count))
-        node.fuse_nlookup = 0
-
-    def adopt_handle(self, node, fh, mode):
-        """Record a fresh handle in the empty slots its mode covers; one that
-        fills no slot (a racing open got there first) is released."""
-        if self.debug.fh:
-            LOG.debug("  fh %#x for node %#x mode %#x", fh, node.nodeid, mode)
-        took = False
-        if mode & FREAD and node.rfh is None:
-            node.rfh, took = fh, True
-        if mode & FWRITE and node.wfh is None:
-            node.flags = node.flags | SHARED_FH if took else node.flags & ~SHARED_FH
-            node.wfh, took = fh, True
-        if not took:
-            self._release(node, fh)
-
-    def release_handles(self, node):
-        if node.busy:
-            if self.debug.requeue:
-                LOG.debug("  release of node %#x waits for %d requests", node.nodeid, node.busy)
-            node.flags |= RELEASE_DUE
-            return
-        for fh in (node.rfh, None if node.flags & SHARED_FH else node.wfh):
-            if fh is not None:
-                self._release(node, fh)
-        node.rfh = node.wfh = None
-        node.flags = 0
-
-    def _release(self, node, fh):
-        if self.debug.fh:
-            LOG.debug("  release fh %#x of node %#x", fh, node.nodeid)
+    def send_release(self, node, fh):
+        """The node table's RELEASE: counted as in flight on the node."""
         opcode = F.RELEASEDIR if node.is_dir else F.RELEASE
         if self.lacks("RELEASE") or self.lacks(FUSE_OPNAMES[F.OPENDIR if node.is_dir else F.OPEN]):
             return      # nothing was opened, or the daemon keeps no open state
-        self.send_detached(FuseRequest(opcode, node.nodeid,
-                                       (RELEASE_IN.pack(fh, 0, 0, 0),)), "RELEASE")
-
-    def in_use(self, node):
-        """`with relay.in_use(node):` around requests using the node's
-        handles; a RELEASE due meanwhile waits until the last one ends."""
-        return NodeInUse(self, node)
+        if self.debug.fh:
+            LOG.debug("  release fh %#x of node %#x", fh, node.nodeid)
+        self.send_detached(FuseRequest(opcode, node.nodeid, (RELEASE_IN.pack(fh, 0, 0, 0),)),
+                           "RELEASE", node)
 
     # --- FUSE side ----------------------------------------------------------
 
@@ -1974,15 +2153,18 @@ class Relay:
             raise FuseError(errno.ENXIO, "daemon gone")
         return unique
 
-    def send_detached(self, freq, what):
-        """A request whose reply only needs logging (FLUSH at close, RELEASE)."""
+    def send_detached(self, freq, what, node):
+        """A request whose reply only needs logging (FLUSH at close, RELEASE);
+        in flight on the node until answered."""
+        self.nodes.busy(node)
         try:
-            self.send_fuse(freq, InFlight(None, None, None, what))
+            self.send_fuse(freq, InFlight(None, None, None, what, node=node))
         except FuseError as e:
             LOG.warning("%s not sent: %s", what, os.strerror(e.errno))
+            self.nodes.idle(node)
 
     def flush_forgets(self):
-        forgets, self.forgets = self.forgets, []
+        forgets, self.nodes.forgets = self.nodes.forgets, []
         if not forgets or self.daemon_gone:
             return
         if self.debug.reclaim:
@@ -2014,6 +2196,7 @@ class Relay:
             LOG.debug("< fuse %s unique %d error %d len %d",
                       FUSE_OPNAMES.get(inflight.fuse.opcode), unique, err, len(payload))
         if inflight.detached is not None:
+            self.nodes.idle(inflight.node)
             if err == -errno.ENOSYS:
                 self.mark_lacking(inflight.detached)
             elif err:
@@ -2061,10 +2244,11 @@ class Relay:
         msg.pf_cookie, msg.pf_op, msg.pf_start, msg.pf_end = cookie, op, start, end
         del msg
         self.write_kernel(frame)
+        return self.flush_id
 
     def request_unmount(self):
         """Ask the kernel to unmount us (the daemon went away)."""
-        if self.unmount_requested or self.kernel_gone:
+        if self.unmount_requested or self.kernel_gone or self.unmounting:
             return
         self.unmount_requested = time.monotonic()
         frame = bytearray(c.sizeof(PuffsReq))
@@ -2080,10 +2264,18 @@ class Relay:
             return
         LOG.warning("file system daemon gone (%s): unmounting", why)
         self.daemon_gone = True
-        for unique, inflight in sorted(self.inflight.items()):
-            if self.inflight.pop(unique, None) is not None and inflight.gen is not None:
-                self.deliver(inflight, exc=FuseError(errno.ENXIO))
+        self.fail_inflight(errno.ENXIO)
         self.request_unmount()
+
+    def fail_inflight(self, host_errno):
+        """Answer everything waiting for the daemon with an error."""
+        for unique, inflight in sorted(self.inflight.items()):
+            if self.inflight.pop(unique, None) is None:
+                continue
+            if inflight.gen is not None:
+                self.deliver(inflight, exc=FuseError(host_errno))
+            elif inflight.node is not None:
+                self.nodes.idle(inflight.node)
 
     # --- kernel side -------------------------------------------------------
 
@@ -2123,6 +2315,9 @@ class Relay:
             # The kernel's answer to a FLUSH or UNMOUNT request of ours.
             if hdr.preq_rv:
                 LOG.info("kernel answered request %#x with %d", hdr.preq_id, hdr.preq_rv)
+            waiter = self.kernel_waiting.pop(hdr.preq_id, None)
+            if waiter is not None:
+                self.resume(waiter, hdr.preq_rv)
             return
         if cls == PUFFSOP_ERROR:
             msg = MsgError.from_buffer_copy(frame.ljust(c.sizeof(MsgError), b"\0"))
@@ -2217,6 +2412,10 @@ class Relay:
             except Exception:     # a translator bug must not wedge the kernel
                 LOG.exception("%s failed", req.op.name)
                 self.finish(req, E.EIO, None)
+                return
+            if isinstance(freq, KernelFlush):
+                self.kernel_waiting[self.send_flush(req.node.cookie, freq.op, freq.start,
+                                                    freq.end)] = inflight
                 return
             if isinstance(freq, Gather):
                 for i, member in enumerate(freq.requests):
@@ -2386,10 +2585,8 @@ class Relay:
 
     def shutdown(self):
         """Teardown after the loop: answer what is still waiting."""
-        for unique, inflight in sorted(self.inflight.items()):
-            if self.inflight.pop(unique, None) is not None and inflight.gen is not None \
-                    and not self.kernel_gone:
-                self.deliver(inflight, exc=FuseError(errno.ENXIO))
+        if not self.kernel_gone:
+            self.fail_inflight(errno.ENXIO)
         self.inflight.clear()
 
 

@@ -403,8 +403,9 @@ class Bridge:
 
     READ_SIZE = 4 * 1024 * 1024 + 4096
 
-    def __init__(self, kernel, ident):
+    def __init__(self, kernel, ident, comfd=False):
         self.kernel, self.ident = kernel, ident
+        self.comfd = comfd     # the first record is libpuffs' PUFFS_COMFD mount request
         self.fd = kernel.open("/dev/puffs", O_RDWR)
         self.host, self.peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         for s in (self.host, self.peer):
@@ -441,7 +442,10 @@ class Bridge:
                 self.peer.send(frame)
             except OSError:
                 break
-        self.peer.close() if self.closed else self.peer.shutdown(socket.SHUT_RDWR)
+        try:     # the file server sees the end of the device, as on NetBSD
+            self.peer.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
     def _host_to_kernel(self):
         while True:
@@ -451,12 +455,42 @@ class Bridge:
                 break
             if not frame:
                 break
+            if self.comfd and not self.mounted:
+                self._comfd_mount(frame)
+                continue
             self._seen_from_server(frame)
             try:
                 self.kernel.sys("write", self.fd, frame, len(frame))
             except NetBSDError as e:
                 with self.lock:
                     self.violations.append("kernel refused a %d-byte frame: %s" % (len(frame), e))
+
+    def _comfd_mount(self, record):
+        """size_t length + target, size_t length + mntfromname, int flags,
+        size_t length + struct puffs_kargs: mount there, creating the
+        directory path in the kernel's name space first."""
+        size = struct.Struct("@N")
+        n = size.unpack_from(record)[0]
+        target = record[size.size:size.size + n].rstrip(b"\0")
+        pos = size.size + n
+        pos += size.size + size.unpack_from(record, pos)[0]
+        flags = struct.unpack_from("@i", record, pos)[0]
+        pos += struct.calcsize("@i")
+        n = size.unpack_from(record, pos)[0]
+        kargs = record[pos + size.size:pos + size.size + n]
+        path = b""
+        for part in target.split(b"/")[1:]:
+            path += b"/" + part
+            try:
+                self.kernel.sys("mkdir", path, 0o755)
+            except NetBSDError:
+                pass
+        try:
+            self.kernel.mount_puffs(target, flags, kargs, self)
+        except NetBSDError as e:
+            with self.lock:
+                self.violations.append("PUFFS_COMFD mount of %r failed: %s" % (target, e))
+            self.peer.close()
 
     def _seen_from_kernel(self, frame):
         if len(frame) < PUFFS_REQ_SIZE:
@@ -508,7 +542,7 @@ class Bridge:
             return dict(violations=list(self.violations), errors=list(self.errors),
                         pending=["%s (id %#x, %.1f s)" % (n, i, now - t)
                                  for i, (n, _, t) in sorted(self.pending.items())],
-                        counts=dict(self.counts), closed=self.closed)
+                        counts=dict(self.counts), closed=self.closed, mounted=self.mounted)
 
     def close(self):
         if not self.closed:
@@ -517,6 +551,8 @@ class Bridge:
                 self.kernel.sys("close", self.fd)
             except NetBSDError:
                 pass
+            if not self.mounted:
+                self.peer.shutdown(socket.SHUT_RDWR)
 
 
 class Process:
@@ -548,9 +584,9 @@ class Process:
                 if uid is not None:
                     self.kernel.rump.rump_pub_lwproc_releaselwp()
                 return
-            tag, method, args = item
+            tag, method, args, kwargs = item
             try:
-                self.reply(tag, True, getattr(self.kernel, method)(*args))
+                self.reply(tag, True, getattr(self.kernel, method)(*args, **kwargs))
             except NetBSDError as e:
                 self.reply(tag, False, (e.errno, e.strerror))
             except Exception as e:     # a harness bug: the caller sees it
@@ -576,10 +612,10 @@ def child(control_fd, libdir):
         head = reader.read(4)
         if len(head) < 4:
             break
-        tag, proc, method, args = pickle.loads(reader.read(struct.unpack("=I", head)[0]))
+        tag, proc, method, args, kwargs = pickle.loads(reader.read(struct.unpack("=I", head)[0]))
         try:
             if method == "new_device":
-                bridge = Bridge(kernel, len(bridges) + 1)
+                bridge = Bridge(kernel, len(bridges) + 1, *args)
                 bridges[bridge.ident] = bridge
                 reply(tag, True, bridge.ident, [bridge.host.fileno()])
                 bridge.host.close()
@@ -599,14 +635,12 @@ def child(control_fd, libdir):
             elif method == "mount_puffs":
                 target, flags, kargs, ident = args
                 procs[proc].calls.put((tag, "mount_puffs", (target, flags, kargs,
-                                                            bridges[ident])))
+                                                            bridges[ident]), {}))
             else:
-                procs[proc].calls.put((tag, method, args))
+                procs[proc].calls.put((tag, method, args, kwargs))
         except NetBSDError as e:
             reply(tag, False, (e.errno, e.strerror))
-    for b in bridges.values():
-        b.close()
-    os._exit(0)
+    os._exit(0)         # the kernel goes with the process: nothing to tidy
 
 
 # ---------------------------------------------------------------------------
@@ -666,13 +700,13 @@ class RumpKernel:
             for slot in self.waiting.values():
                 slot[0].set()
 
-    def _call(self, proc, method, args, timeout=None, wait_tag=None):
+    def _call(self, proc, method, args, timeout=None, wait_tag=None, kwargs=None):
         with self.lock:
             if wait_tag is None:
                 self.tag += 1
                 tag = self.tag
                 slot = self.waiting[tag] = [threading.Event(), None]
-                data = pickle.dumps((tag, proc, method, args))
+                data = pickle.dumps((tag, proc, method, args, kwargs or {}))
                 self.sock.sendall(struct.pack("=I", len(data)) + data)
             else:
                 tag, slot = wait_tag, self.waiting[wait_tag]
@@ -700,9 +734,11 @@ class RumpKernel:
             return ProcessHandle(self, 0)
         return ProcessHandle(self, self._call(0, "new_proc", (uid, gid)))
 
-    def new_device(self):
-        """(host socket framed like /dev/puffs, device id)."""
-        ident = self._call(0, "new_device", ())
+    def new_device(self, comfd=False):
+        """(host socket framed like /dev/puffs, device id).  comfd: the
+        file server mounts by writing libpuffs' PUFFS_COMFD request (as
+        `perfused -i` with PUFFS_COMFD does) instead of calling mounter()."""
+        ident = self._call(0, "new_device", (comfd,))
         with self.lock:     # its descriptor came with the reply, and is the oldest unclaimed
             sock = socket.socket(fileno=self.fds.pop(0))
         self.devices.append(ident)
@@ -735,6 +771,7 @@ class RumpKernel:
 
     def close(self):
         try:
+            self.sock.shutdown(socket.SHUT_RDWR)     # wakes our receiver, ends the child
             self.sock.close()
         except OSError:
             pass
@@ -748,15 +785,15 @@ class RumpKernel:
 class ProcessHandle:
     """System calls of one rump process: p.open(...), p.stat(...)."""
 
-    def __init__(self, kernel, ident):
+    def __init__(self, kernel, ident):  # the handle
         self.kernel, self.ident = kernel, ident
 
     def __getattr__(self, method):
         if method.startswith("_"):
             raise AttributeError(method)
 
-        def call(*args, timeout=None):
-            return self.kernel._call(self.ident, method, args, timeout)
+        def call(*args, timeout=None, **kwargs):
+            return self.kernel._call(self.ident, method, args, timeout, kwargs=kwargs)
         call.__name__ = method
         return call
 
