@@ -216,7 +216,8 @@ PAGE_SIZE = 4096
 PUFFS_SETBACK_NOREF_N1, PUFFS_SETBACK_NOREF_N2 = 0x4, 0x8
 PUFFS_OPEN_IO_DIRECT = 0x1
 PUFFS_EXTATTR_LIST_LENPREFIX = 0x1
-PUFFS_INVAL_NAMECACHE_DIR, PUFFS_INVAL_PAGECACHE_NODE_RANGE = 1, 3
+PUFFS_INVAL_NAMECACHE_DIR, PUFFS_INVAL_NAMECACHE_ALL = 1, 2
+PUFFS_INVAL_PAGECACHE_NODE_RANGE = 3
 PUFFS_FLUSH_PAGECACHE_NODE_RANGE = 4
 PUFFS_VN_MAX, PUFFS_VN_SPARE = 48, 30   # the vnopmask has one byte per op
 PUFFS_MSG_MAXSIZE = 2 * 65536
@@ -520,7 +521,20 @@ MAX_TTL = 86400
 
 
 def ttl_of(sec, nsec):
-    return Timespec(sec, min(nsec, 999999999)) if sec < MAX_TTL else Timespec(MAX_TTL, 0)
+    """A FUSE timeout as the kernel's TTL.  The kernel ignores a zero TTL
+    (keeps the previous one): "do not cache" becomes one nanosecond."""
+    if sec >= MAX_TTL:
+        return Timespec(MAX_TTL, 0)
+    return Timespec(sec, min(nsec, 999999999) or (0 if sec else 1))
+
+
+def node_ttl(node, sec, nsec):
+    """Attributes and names of a file with several links are not cached:
+    daemons that report each link as a node of its own (libfuse's high
+    level: bindfs, sshfs) would leave the other names' size stale."""
+    if node.nlinks > 1 and stat.S_ISREG(node.mode):
+        return Timespec(0, 1)
+    return ttl_of(sec, nsec)
 
 
 class KernelFlush:
@@ -812,14 +826,14 @@ class Node:
     (a few hundred bytes: a mount may hold a hundred thousand of them)."""
 
     __slots__ = ("nodeid", "cookie", "fuse_nlookup", "puffs_nlookup", "mode",
-                 "uid", "gid", "size", "rfh", "wfh", "busy", "flags", "parent",
-                 "subdirs", "gen")
+                 "uid", "gid", "size", "nlinks", "rfh", "wfh", "busy", "flags",
+                 "parent", "subdirs", "gen")
 
     def __init__(self, nodeid, cookie):
         self.nodeid, self.cookie = nodeid, cookie
         self.fuse_nlookup = 0           # lookups the daemon counted for this node
         self.puffs_nlookup = 0          # lookups the kernel counts for the cookie
-        self.mode = self.uid = self.gid = self.size = 0
+        self.mode = self.uid = self.gid = self.size = self.nlinks = 0
         self.rfh = self.wfh = None      # FUSE handles open for reading, writing
         self.busy = 0                   # requests on the node's handles in flight
         self.flags = 0
@@ -912,6 +926,14 @@ class NodeTable:
         parent.subdirs -= 1
         if parent.subdirs == 0 and parent.flags & FORGET_DUE:
             self._forget(parent)
+
+    def is_within(self, node, ancestor):
+        """node is ancestor or below it, as far as recorded parents tell."""
+        while node is not None:
+            if node is ancestor:
+                return True
+            node = node.parent
+        return False
 
     def kernel_took(self, node):
         node.puffs_nlookup += 1
@@ -1101,6 +1123,7 @@ def _shared(value):
 def remember_attr(node, attr):
     node.size = attr[1]
     node.mode, node.uid, node.gid = _shared(attr[9]), _shared(attr[11]), _shared(attr[12])
+    node.nlinks = _shared(attr[10])
 
 
 class EntryReply:
@@ -1164,8 +1187,8 @@ def entry_reply_to_kernel(relay, req, entry, fresh=False):
     msg = req.msg
     msg.pvnr_newnode = node.cookie
     fill_vattr(msg.pvnr_va, entry.attr)
-    msg.pvnr_va_ttl = ttl_of(entry.attr_valid, entry.attr_nsec)
-    msg.pvnr_cn_ttl = ttl_of(entry.entry_valid, entry.entry_nsec)
+    msg.pvnr_va_ttl = node_ttl(node, entry.attr_valid, entry.attr_nsec)
+    msg.pvnr_cn_ttl = node_ttl(node, entry.entry_valid, entry.entry_nsec)
     relay.nodes.kernel_took(node)
     return node
 
@@ -1281,6 +1304,11 @@ def op_link(relay, req):
     if entry.nodeid:
         # the daemon counts it: so do we; the kernel keeps its own vnode
         relay.nodes.unheld(relay.nodes.account_entry(entry, None))
+    # The file's other names are cached with one link: let the kernel look
+    # them up again, so that their attributes are not cached any more (see
+    # node_ttl), as Linux invalidates the attributes after LINK.
+    target.nlinks = max(target.nlinks, 2)
+    yield KernelFlush(PUFFS_INVAL_NAMECACHE_ALL)
 
 
 def _remove(opcode):
@@ -1301,14 +1329,20 @@ def _remove(opcode):
 def op_rename(relay, req):
     msg = req.msg
     newdir = relay.node_of(msg.pvnr_cookie_targdir)
+    moved = relay.nodes.get(msg.pvnr_cookie_src)
+    if moved is not None and moved.is_dir and relay.nodes.is_within(newdir, moved):
+        # A directory into itself: Linux refuses it before asking the daemon
+        # (libfuse's high level deadlocks on it), so do we.
+        raise PuffsError(E.EINVAL)
+    replaced = relay.nodes.get(msg.pvnr_cookie_targ) if msg.pvnr_cookie_targ else None
+    if replaced is not None and replaced.is_dir and relay.nodes.is_within(req.node, replaced):
+        raise PuffsError(E.ENOTEMPTY)   # over its own ancestor: not empty, as Linux says
     yield FuseRequest(F.RENAME, req.node.nodeid,
                       (RENAME_IN.pack(newdir.nodeid), kcn_name(msg.pvnr_cn_src, relay), b"\0",
                        kcn_name(msg.pvnr_cn_targ, relay), b"\0"),
                       req.cred(msg.pvnr_cn_targ_cred))
-    moved = relay.nodes.get(msg.pvnr_cookie_src)
     if moved is not None and moved.is_dir:
         relay.nodes.set_parent(moved, newdir)
-    replaced = relay.nodes.get(msg.pvnr_cookie_targ) if msg.pvnr_cookie_targ else None
     if replaced is not None:
         replaced.flags |= REMOVED
 
@@ -1328,7 +1362,7 @@ def _attr_reply(req, node, fields):
     attr = fields[3:]
     remember_attr(node, attr)
     fill_vattr(req.msg.pvnr_va, attr)
-    req.msg.pvnr_va_ttl = ttl_of(attr_valid, attr_nsec)
+    req.msg.pvnr_va_ttl = node_ttl(node, attr_valid, attr_nsec)
 
 
 def op_getattr(relay, req):
