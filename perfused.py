@@ -21,6 +21,7 @@
 # reply payload back (or a FuseError thrown in), so a PUFFS op that needs
 # several FUSE exchanges reads top to bottom and many ops are in flight.
 
+import collections
 import ctypes
 import errno
 import logging
@@ -815,10 +816,9 @@ SHARED_FH = 0x1      # rfh and wfh are one O_RDWR open
 RELEASE_DUE = 0x2    # release the handles once the requests using them end
 FORGET_DUE = 0x4     # the kernel let go: FORGET once requests and subdirectories end
 STALE = 0x8          # the daemon reused the node id for another file: answer ESTALE
-REMOVED = 0x10       # unlinked or renamed over: INACTIVE answers NOREF
-PAGES_READ = 0x20    # READ or WRITE reached the daemon since the last OPEN
-DROP_PAGES = 0x40    # the last OPEN reply lacked FOPEN_KEEP_CACHE
-LISTED = 0x80        # READDIR served entries from the current directory handle
+PAGES_READ = 0x10    # READ or WRITE reached the daemon since the last OPEN
+DROP_PAGES = 0x20    # the last OPEN reply lacked FOPEN_KEEP_CACHE
+LISTED = 0x40        # READDIR served entries from the current directory handle
 
 
 class Node:
@@ -827,7 +827,7 @@ class Node:
 
     __slots__ = ("nodeid", "cookie", "fuse_nlookup", "puffs_nlookup", "mode",
                  "uid", "gid", "size", "nlinks", "rfh", "wfh", "busy", "flags",
-                 "parent", "subdirs", "gen")
+                 "parent", "subdirs", "names", "ino", "gen")
 
     def __init__(self, nodeid, cookie):
         self.nodeid, self.cookie = nodeid, cookie
@@ -839,6 +839,8 @@ class Node:
         self.flags = 0
         self.parent = None              # directories: the Node of "..", as last seen
         self.subdirs = 0                # directory nodes known whose parent this is
+        self.names = None               # {name: Node} of those subdirectories, or None
+        self.ino = 0                    # st_ino as the daemon reports it
         self.gen = 0                    # the daemon's generation for the node id
 
     @property
@@ -869,11 +871,13 @@ class NodeTable:
 
     ROOT_COOKIE = 1
 
-    def __init__(self, send_release=None):
+    def __init__(self, send_release=None, keep_unheld=2048):
         self.by_cookie = {}
         self.by_nodeid = {}             # node id -> its current incarnation
         self.forgets = []               # (node id, count) to send
         self.send_release = send_release
+        self.recent = collections.OrderedDict()   # cookie -> Node the kernel let go, oldest first
+        self.keep_unheld = keep_unheld
         self._next_cookie = self.ROOT_COOKIE + 1
         self._high_water = 0
         self.root = self._add(FUSE_ROOT_ID, self.ROOT_COOKIE)
@@ -892,7 +896,7 @@ class NodeTable:
 
     # --- lookup counts ---------------------------------------------------
 
-    def account_entry(self, entry, parent, fresh=False):
+    def account_entry(self, entry, parent, fresh=False, name=None):
         """The daemon counted one more lookup of entry.nodeid under parent.
         `fresh`: the reply made a new file (CREATE, MKDIR...), so a node the
         kernel still holds under that id is another, older file."""
@@ -906,26 +910,51 @@ class NodeTable:
         if node is None:
             node = self._add(entry.nodeid, self._next_cookie)
             self._next_cookie += 1
+        else:
+            self.recent.pop(node.cookie, None)
+            node.flags &= ~FORGET_DUE
         node.fuse_nlookup += 1
         node.gen = entry.generation
         remember_attr(node, entry.attr)
         if node.is_dir and parent is not None and node is not parent \
                 and node is not self.root:
-            self.set_parent(node, parent)
+            self.set_parent(node, parent, name)
         return node
 
-    def set_parent(self, node, parent):
-        if node.parent is parent:
-            return
+    def set_parent(self, node, parent, name):
+        """node is directory `name` in parent (LOOKUP, MKDIR, RENAME)."""
         old, node.parent = node.parent, parent
-        parent.subdirs += 1
-        if old is not None:
-            self._subdir_gone(old)
+        if old is parent:
+            self._unname(parent, node)
+        else:
+            parent.subdirs += 1
+        if parent.names is None:
+            parent.names = {}
+        parent.names[name] = node
+        if old is not None and old is not parent:
+            self._subdir_gone(old, node)
 
-    def _subdir_gone(self, parent):
+    @staticmethod
+    def _unname(parent, node):
+        for name, sub in list(parent.names.items()):
+            if sub is node:
+                del parent.names[name]
+
+    def _subdir_gone(self, parent, node):
         parent.subdirs -= 1
-        if parent.subdirs == 0 and parent.flags & FORGET_DUE:
-            self._forget(parent)
+        self._unname(parent, node)
+        if parent.subdirs == 0:
+            parent.names = None
+            if parent.flags & FORGET_DUE:
+                self._forget(parent)
+
+    def dirent_ino(self, directory, name, ino):
+        """The inode number a listing of directory gives name: a known
+        subdirectory's own st_ino.  Daemons without inode numbers in
+        listings (libfuse's high level) would otherwise leave getcwd(3),
+        which searches the parent for the child's st_ino, failing."""
+        sub = directory.names.get(name) if directory.names else None
+        return sub.ino if sub is not None else ino
 
     def is_within(self, node, ancestor):
         """node is ancestor or below it, as far as recorded parents tell."""
@@ -937,6 +966,7 @@ class NodeTable:
 
     def kernel_took(self, node):
         node.puffs_nlookup += 1
+        self.recent.pop(node.cookie, None)
 
     def reclaimed(self, node, nlookup):
         """RECLAIM: the kernel dropped nlookup references to the cookie."""
@@ -945,12 +975,20 @@ class NodeTable:
             self.let_go(node)
 
     def let_go(self, node):
-        """Nobody in the kernel holds the node: close it, then FORGET it
-        once nothing is in flight on it and no subdirectory needs it."""
+        """Nobody in the kernel holds the node: close it, and keep it among
+        the most recently let go; the oldest beyond `keep_unheld` is
+        FORGOTten, once nothing is in flight on it and no subdirectory needs
+        it.  Kept, the daemon's node id stays valid: the next LOOKUP of the
+        name gives the same node (libfuse's high level numbers inodes by
+        node id, so st_ino stays the same, as on Linux, whose inode cache
+        outlives the kernel's references)."""
         node.puffs_nlookup = 0
-        node.flags |= FORGET_DUE
         self.release_handles(node)
-        self._forget(node)
+        self.recent[node.cookie] = node
+        while len(self.recent) > self.keep_unheld:
+            _, oldest = self.recent.popitem(last=False)
+            oldest.flags |= FORGET_DUE
+            self._forget(oldest)
 
     def unheld(self, node):
         """For entries the daemon counted but the kernel never saw
@@ -971,7 +1009,7 @@ class NodeTable:
         node.flags &= ~FORGET_DUE
         if node.parent is not None:
             parent, node.parent = node.parent, None
-            self._subdir_gone(parent)
+            self._subdir_gone(parent, node)
         self._shrink()
 
     def _shrink(self):
@@ -1121,7 +1159,7 @@ def _shared(value):
 
 
 def remember_attr(node, attr):
-    node.size = attr[1]
+    node.ino, node.size = attr[0], attr[1]
     node.mode, node.uid, node.gid = _shared(attr[9]), _shared(attr[11]), _shared(attr[12])
     node.nlinks = _shared(attr[10])
 
@@ -1183,8 +1221,9 @@ def entry_reply_to_kernel(relay, req, entry, fresh=False):
         relay.nodes.forgets.append((entry.nodeid, 1))
         LOG.error("daemon answered a name in %#x with the directory itself", entry.nodeid)
         raise PuffsError(E.EIO)
-    node = relay.nodes.account_entry(entry, req.node, fresh)
     msg = req.msg
+    name = bytes(msg.pvnr_cn.pkcn_name)[:msg.pvnr_cn.pkcn_namelen]
+    node = relay.nodes.account_entry(entry, req.node, fresh, name)
     msg.pvnr_newnode = node.cookie
     fill_vattr(msg.pvnr_va, entry.attr)
     msg.pvnr_va_ttl = node_ttl(node, entry.attr_valid, entry.attr_nsec)
@@ -1319,9 +1358,6 @@ def _remove(opcode):
         # The name is gone: let the kernel recycle the vnode at its next
         # inactive, so the node is reclaimed and FORGOTten promptly.
         req.hdr.preq_setbacks = PUFFS_SETBACK_NOREF_N2
-        target = relay.nodes.get(msg.pvnr_cookie_targ)
-        if target is not None:
-            target.flags |= REMOVED
     op_remove.__name__ = "op_" + FUSE_OPNAMES[opcode].lower()
     return op_remove
 
@@ -1342,9 +1378,7 @@ def op_rename(relay, req):
                        kcn_name(msg.pvnr_cn_targ, relay), b"\0"),
                       req.cred(msg.pvnr_cn_targ_cred))
     if moved is not None and moved.is_dir:
-        relay.nodes.set_parent(moved, newdir)
-    if replaced is not None:
-        replaced.flags |= REMOVED
+        relay.nodes.set_parent(moved, newdir, kcn_name(msg.pvnr_cn_targ))
 
 
 # --- attributes ---------------------------------------------------------------
@@ -1534,9 +1568,16 @@ def op_close(relay, req):
 
 
 def op_inactive(relay, req):
+    """The kernel's last reference went: close the node's handles, and have
+    the kernel recycle the vnode now.  Left cached, a vnode under
+    CACHE_FS_TTL gets an expiry queued for the kernel's sop thread, which
+    then deadlocks against an unmount in progress (puffsop_expire ->
+    vcache_get -> vfs_busy while dounmount waits for that thread to exit):
+    unmount(2) would hang.  Never the root: recycled, it panics the kernel
+    (puffs_vnop_reclaim asserts pmp_root)."""
     relay.nodes.release_handles(req.node)
-    if req.node.flags & (REMOVED | STALE):
-        req.hdr.preq_setbacks |= PUFFS_SETBACK_NOREF_N1    # recycle it now
+    if req.node is not relay.nodes.root:
+        req.hdr.preq_setbacks |= PUFFS_SETBACK_NOREF_N1
 
 
 def op_reclaim(relay, req):
@@ -1701,7 +1742,7 @@ def op_readdir(relay, req):
             if plus:
                 entry = EntryReply(data[pos:pos + ENTRY_OUT_SIZE])
                 if entry.nodeid and name not in (b".", b".."):
-                    relay.nodes.unheld(relay.nodes.account_entry(entry, node))
+                    relay.nodes.unheld(relay.nodes.account_entry(entry, node, name=name))
             pos = start + ((namelen + 7) & ~7)
             whole += 1
             if full:
@@ -1714,6 +1755,8 @@ def op_readdir(relay, req):
             if reclen > resid:
                 full = True
                 continue
+            if node.names:
+                ino = relay.nodes.dirent_ino(node, name, ino)
             out.append(pack_dirent(ino or 0xFFFFFFFF, reclen, namelen, dtype & 0xFF) + name
                        + NB_DIRENT_PAD[reclen - NB_DIRENT.size - namelen])
             resid -= reclen
@@ -2100,7 +2143,7 @@ class Relay:
     def __init__(self, device, channel, options=None):
         options = options or {}
         self.device, self.channel = device, channel
-        self.nodes = NodeTable(self.send_release)
+        self.nodes = NodeTable(self.send_release, options.get("keep_unheld", 2048))
         self.debug = options.get("debug") or Debug()
         self.trace = options.get("trace")
         popts = parse_perfuse_options(options.get("perfuse_options",

@@ -406,7 +406,10 @@ class Bridge:
     def __init__(self, kernel, ident, comfd=False):
         self.kernel, self.ident = kernel, ident
         self.comfd = comfd     # the first record is libpuffs' PUFFS_COMFD mount request
-        self.fd = kernel.open("/dev/puffs", O_RDWR)
+        # Non-blocking: a read blocked in the kernel's getout holds a
+        # reference on the mount, which unmount waits for forever (puffs_userdead
+        # does not wake it); the reader polls instead.
+        self.fd = kernel.open("/dev/puffs", O_RDWR | O_NONBLOCK)
         self.host, self.peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         for s in (self.host, self.peer):
             s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 << 20)
@@ -419,6 +422,7 @@ class Bridge:
         self.counts = {}       # op name -> requests seen
         self.closed = False
         self.mounted = False
+        self.writing = None    # (since, id) while a frame is being written to the kernel
         # the kernel side is read only once mounted: before, putter says ENOENT
         threading.Thread(target=self._host_to_kernel, daemon=True).start()
 
@@ -434,7 +438,9 @@ class Bridge:
                 if self.kernel.sys("poll", c.byref(pfd), 1, 200) == 0:
                     continue
                 n = self.kernel.sys("read", self.fd, buf, self.READ_SIZE)
-            except NetBSDError:
+            except NetBSDError as e:
+                if e.errno == ERRNO["EAGAIN"]:
+                    continue
                 break
             frame = buf.raw[:n]
             self._seen_from_kernel(frame)
@@ -459,11 +465,13 @@ class Bridge:
                 self._comfd_mount(frame)
                 continue
             self._seen_from_server(frame)
+            self.writing = (time.monotonic(), PUFFS_REQ.unpack_from(frame)[1])
             try:
                 self.kernel.sys("write", self.fd, frame, len(frame))
             except NetBSDError as e:
                 with self.lock:
                     self.violations.append("kernel refused a %d-byte frame: %s" % (len(frame), e))
+            self.writing = None
 
     def _comfd_mount(self, record):
         """size_t length + target, size_t length + mntfromname, int flags,
@@ -538,11 +546,14 @@ class Bridge:
 
     def report(self):
         now = time.monotonic()
+        writing = self.writing
         with self.lock:
             return dict(violations=list(self.violations), errors=list(self.errors),
                         pending=["%s (id %#x, %.1f s)" % (n, i, now - t)
                                  for i, (n, _, t) in sorted(self.pending.items())],
-                        counts=dict(self.counts), closed=self.closed, mounted=self.mounted)
+                        counts=dict(self.counts), closed=self.closed, mounted=self.mounted,
+                        writing=writing and "reply to id %#x, for %.1f s" % (
+                            writing[1], now - writing[0]))
 
     def close(self):
         if not self.closed:
@@ -757,9 +768,12 @@ class RumpKernel:
         out = []
         for ident in self.devices:
             try:
-                out += self._call(0, "report", (ident,), timeout=5)["pending"]
+                report = self._call(0, "report", (ident,), timeout=5)
             except (KernelHang, NetBSDError):
-                pass
+                continue
+            out += report["pending"]
+            if report["writing"]:
+                out.append("the kernel has not taken the %s" % report["writing"])
         return out
 
     def close_devices(self, *idents):

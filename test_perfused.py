@@ -1172,9 +1172,14 @@ def wait_for(pred, timeout=10):
 
 # --- lookup counting --------------------------------------------------------
 
+# keep_unheld=0: nodes the kernel lets go are forgotten at once, not kept
+# among the recently used (see test_recently_let_go_nodes_keep_their_cookie)
+EXACT_FORGETS = {"keep_unheld": 0}
+
+
 def test_reclaim_forgets_exactly_what_the_daemon_counted():
     tree = {"a": (10, 0o100644, 5), "b": (11, 0o100644, 5), "sub": (12, 0o40755, 0)}
-    with FakeMount({"LOOKUP": names_handler(tree)}) as m:
+    with FakeMount({"LOOKUP": names_handler(tree)}, EXACT_FORGETS) as m:
         k, d = m.k, m.daemon
         for _ in range(3):
             assert k.lookup(k.root, "a").rv == 0
@@ -1201,7 +1206,7 @@ def test_reclaim_forgets_exactly_what_the_daemon_counted():
 
 def test_root_is_never_forgotten_and_several_forgets_batch():
     tree = {"n%d" % i: (100 + i, 0o100644, 1) for i in range(5)}
-    with FakeMount({"LOOKUP": names_handler(tree)}) as m:
+    with FakeMount({"LOOKUP": names_handler(tree)}, EXACT_FORGETS) as m:
         k, d = m.k, m.daemon
         cookies = [k.lookup(k.root, n).newnode for n in sorted(tree)]
         # RECLAIMs arriving together are forgotten in one BATCH_FORGET
@@ -1226,6 +1231,28 @@ def test_root_is_never_forgotten_and_several_forgets_batch():
         assert forgotten == {100 + i: 1 for i in range(5)}
         assert d.seen("BATCH_FORGET"), "several RECLAIMs should batch"
         assert k.getattr(k.root).rv == 0
+
+
+def test_recently_let_go_nodes_keep_their_cookie():
+    """The kernel recycles every vnode at its last reference; perfused keeps
+    the most recent nodes (keep_unheld) so that the daemon's node ids, and
+    with them libfuse's inode numbers, stay the same for the next lookup;
+    the oldest beyond the limit is forgotten with its whole count."""
+    tree = {"a": (10, 0o100644, 5), "b": (11, 0o100644, 5), "c": (12, 0o100644, 5)}
+    with FakeMount({"LOOKUP": names_handler(tree)}, {"keep_unheld": 2}) as m:
+        k, d = m.k, m.daemon
+        cookies = {n: k.lookup(k.root, n).newnode for n in "abc"}
+        k.lookup(k.root, "a")
+        for n in "abc":
+            k.vn("RECLAIM", cookies[n], struct.pack("<i4x", 2 if n == "a" else 1), faf=True)
+        assert wait_for(lambda: d.seen("FORGET"))
+        (h, body), = d.seen("FORGET")
+        assert h["nodeid"] == 10 and struct.unpack("<Q", body[:8])[0] == 2
+        assert k.getattr(cookies["a"]).rv == NB["ENOENT"]
+        # b and c are kept: looked up again, they are the same nodes
+        assert k.lookup(k.root, "b").newnode == cookies["b"]
+        assert k.lookup(k.root, "a").newnode not in cookies.values()
+        assert len(d.seen("FORGET")) == 1
 
 
 def test_negative_entry_nodeid_0_is_enoent():
@@ -1439,7 +1466,8 @@ def test_pyfuse3_readdirplus_only_daemon(tmp_path):
     script = tmp_path / "pyfs.py"
     script.write_text(PYFUSE3_FS)
     forgets = tmp_path / "forgets"
-    with Mount(lambda mp: [py, str(script), mp, str(forgets)], fstype="pyfs") as m:
+    with Mount(lambda mp: [py, str(script), mp, str(forgets)], fstype="pyfs",
+               options=EXACT_FORGETS) as m:
         k = m.k
         entries = k.listdir(k.root, size=512)        # several READDIRPLUS rounds
         names = [e[0] for e in entries if e[0] not in (".", "..")]
@@ -3869,7 +3897,7 @@ def test_every_debug_type_says_something(caplog):
     with caplog.at_level(logging.DEBUG, logger="perfused"):
         with FakeMount({"LOOKUP": names_handler(tree), "READDIR": readdir,
                         "READ": lambda h, b: b"abc", "FSYNC": lambda h, b: b""},
-                       options={"debug": debug}) as m:
+                       options={"debug": debug, **EXACT_FORGETS}) as m:
             k = m.k
             c = k.lookup(k.root, "f").newnode
             k.open(c, FREAD | FWRITE)
