@@ -1410,7 +1410,8 @@ def op_setattr(relay, req):
     mode, uid, gid = 0, 0, 0
     if va.va_mode != VNOVAL32:
         valid |= FATTR_MODE
-        mode = va.va_mode & 0o7777
+        # with the file type, as Linux sends it (cryfs asserts on a bare mode)
+        mode = va.va_mode & 0o7777 | stat.S_IFMT(node.mode)
     if va.va_uid != VNOVAL32:
         valid, uid = valid | FATTR_UID, va.va_uid
     if va.va_gid != VNOVAL32:
@@ -2151,6 +2152,7 @@ class Relay:
         self.access_via_daemon = popts.get("access", False)
         self.no_create = not popts.get("creat", True)
         self.enable_poll = popts.get("poll", False)
+        self.advlock = popts.get("advlock", True)     # disable_advlock: the kernel locks
         self.max_read_cap = options.get("max_read", 128 * 1024)
         self.unique = 0
         self.inflight = {}
@@ -2427,6 +2429,11 @@ class Relay:
                 if not faf:
                     self.reply_error(frame, E.ENOENT)
                 return
+            if node.flags & STALE and op.name not in ("INACTIVE", "RECLAIM"):
+                # the daemon's node id names another file now
+                if not faf:
+                    self.reply_error(frame, E.ESTALE)
+                return
         req = PuffsRequest(reply, op, node, frame)
         if self.debug.puffs:
             LOG.debug("> puffs %s id %d cookie %#x%s", op.name, hdr.preq_id,
@@ -2701,13 +2708,14 @@ def parse_debug_types(text):
 
 
 def parse_perfuse_options(text):
-    """PERFUSE_OPTIONS: enable_/disable_ access, creat, poll."""
+    """PERFUSE_OPTIONS: enable_/disable_ access, creat, poll, advlock."""
     out = {}
     for word in (w.strip() for w in text.split(",")):
         if not word:
             continue
         for prefix, value in (("enable_", True), ("disable_", False)):
-            if word.startswith(prefix) and word[len(prefix):] in ("access", "creat", "poll"):
+            if word.startswith(prefix) and word[len(prefix):] in ("access", "creat", "poll",
+                                                                  "advlock"):
                 out[word[len(prefix):]] = value
                 break
         else:
@@ -2921,7 +2929,7 @@ def build_kargs(relay, mreq, root_attr, statfs, puffs_flags):
     kargs.pa_flags = puffs_flags & PUFFS_KFLAG_MASK
     kargs.pa_nhashbuckets = 256
     ops = set(DEFAULT_VNOPS)
-    if not relay.init_flags & FUSE_POSIX_LOCKS:
+    if not relay.init_flags & FUSE_POSIX_LOCKS or not relay.advlock:
         ops.discard("ADVLOCK")    # the kernel then keeps fcntl locks itself
     if relay.enable_poll:
         ops.add("POLL")

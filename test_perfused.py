@@ -1992,9 +1992,8 @@ def netbsd_launched(kernel, tmp_path, daemon_argv, launcher_opts=(), env_extra=N
         report = kernel.report(dev_id)
         assert not report["violations"] and not report["errors"] and not report["pending"], report
     finally:
-        out = cleanup()
-        if os.environ.get("PERFUSE_TEST_VERBOSE"):
-            print(out)
+        # printed: pytest shows it with a failure
+        print("launcher, daemon and perfused said:\n" + cleanup())
 
 
 # --- what every mount is checked for ---------------------------------------
@@ -2621,6 +2620,171 @@ def test_netbsd_moosefs_cluster(netbsd, tmp_path, moosefs):
         written = netbsd_tree(p, mnt)
     with netbsd_launched(netbsd, tmp_path, argv, opts) as mnt:
         assert netbsd_tree(netbsd.proc(), mnt) == written
+
+
+# A writable pyfuse3 file system that, like pyfuse3 programs serving a
+# backing directory, uses inode numbers as node ids and hands freed numbers
+# out again (lowest first): what makes the kernel see a node id it still
+# holds come back for another file.
+PYFUSE3_MEMFS = r'''
+import errno, os, stat, sys, time
+import pyfuse3, trio
+
+class Node:
+    def __init__(self, mode, data=b""):
+        self.mode, self.data, self.entries, self.nlink = mode, data, {}, 1
+        self.uid = self.gid = 0
+        self.times = [time.time_ns()] * 3
+
+class Fs(pyfuse3.Operations):
+    def __init__(self):
+        super().__init__()
+        self.nodes = {pyfuse3.ROOT_INODE: Node(stat.S_IFDIR | 0o755)}
+
+    def new(self, mode):
+        ino = 2
+        while ino in self.nodes:
+            ino += 1
+        self.nodes[ino] = Node(mode)
+        return ino
+
+    def attr(self, ino):
+        n = self.nodes[ino]
+        a = pyfuse3.EntryAttributes()
+        a.st_ino, a.st_mode, a.st_nlink = ino, n.mode, n.nlink
+        a.st_size = len(n.data)
+        a.st_uid, a.st_gid = n.uid, n.gid
+        a.st_atime_ns, a.st_mtime_ns, a.st_ctime_ns = n.times
+        a.attr_timeout = a.entry_timeout = 1
+        return a
+
+    def child(self, parent, name):
+        try:
+            return self.nodes[parent].entries[name]
+        except KeyError:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+
+    async def lookup(self, parent, name, ctx=None):
+        return self.attr(self.child(parent, name))
+
+    async def getattr(self, ino, ctx=None):
+        return self.attr(ino)
+
+    async def setattr(self, ino, attr, fields, fh, ctx):
+        n = self.nodes[ino]
+        if fields.update_size:
+            n.data = n.data[:attr.st_size].ljust(attr.st_size, b"\0")
+        if fields.update_mode:
+            n.mode = stat.S_IFMT(n.mode) | stat.S_IMODE(attr.st_mode)
+        if fields.update_atime:
+            n.times[0] = attr.st_atime_ns
+        if fields.update_mtime:
+            n.times[1] = attr.st_mtime_ns
+        return self.attr(ino)
+
+    def link_new(self, parent, name, mode):
+        if name in self.nodes[parent].entries:
+            raise pyfuse3.FUSEError(errno.EEXIST)
+        ino = self.new(mode)
+        self.nodes[parent].entries[name] = ino
+        return ino
+
+    async def mkdir(self, parent, name, mode, ctx):
+        return self.attr(self.link_new(parent, name, stat.S_IFDIR | (mode & 0o7777)))
+
+    async def create(self, parent, name, mode, flags, ctx):
+        ino = self.link_new(parent, name, stat.S_IFREG | (mode & 0o7777))
+        return pyfuse3.FileInfo(fh=ino), self.attr(ino)
+
+    def drop(self, parent, name):
+        ino = self.nodes[parent].entries.pop(name)
+        n = self.nodes[ino]
+        n.nlink -= 1
+        if n.nlink == 0:
+            del self.nodes[ino]        # its number is free at once
+
+    async def unlink(self, parent, name, ctx):
+        self.child(parent, name)
+        self.drop(parent, name)
+
+    async def rmdir(self, parent, name, ctx):
+        if self.nodes[self.child(parent, name)].entries:
+            raise pyfuse3.FUSEError(errno.ENOTEMPTY)
+        self.drop(parent, name)
+
+    async def rename(self, old, name, new, newname, flags, ctx):
+        ino = self.child(old, name)
+        if newname in self.nodes[new].entries:
+            target = self.nodes[self.nodes[new].entries[newname]]
+            if target.entries:
+                raise pyfuse3.FUSEError(errno.ENOTEMPTY)
+            self.drop(new, newname)
+        del self.nodes[old].entries[name]
+        self.nodes[new].entries[newname] = ino
+
+    async def open(self, ino, flags, ctx):
+        return pyfuse3.FileInfo(fh=ino)
+
+    async def read(self, fh, off, size):
+        n = self.nodes.get(fh)
+        if n is None:
+            raise pyfuse3.FUSEError(errno.ESTALE)
+        return n.data[off:off + size]
+
+    async def write(self, fh, off, buf):
+        n = self.nodes[fh]
+        n.data = n.data[:off].ljust(off, b"\0") + buf + n.data[off + len(buf):]
+        return len(buf)
+
+    async def opendir(self, ino, ctx):
+        return ino
+
+    async def readdir(self, fh, start_id, token):
+        names = sorted(self.nodes[fh].entries)
+        for i, name in enumerate(names[start_id:], start_id + 1):
+            ino = self.nodes[fh].entries[name]
+            if not pyfuse3.readdir_reply(token, name, self.attr(ino), i):
+                return
+
+pyfuse3.init(Fs(), sys.argv[1], set(["fsname=memfs"]))
+try:
+    trio.run(pyfuse3.main)
+finally:
+    pyfuse3.close(unmount=False)
+'''
+
+
+def test_netbsd_pyfuse3_reusing_inode_numbers(netbsd, tmp_path):
+    """Node ids come back for new files while the kernel holds the old
+    file: the new file gets a cookie of its own, the old one answers
+    ESTALE; mkdir after a rename works."""
+    py = need_pyfuse3()
+    script = tmp_path / "memfs.py"
+    script.write_text(PYFUSE3_MEMFS)
+    with netbsd_mounted(netbsd, lambda fd: [py, str(script), fd], fstype="memfs") as m:
+        p, top = m.p, m.target
+        p.writefile(top + "/a", b"first")
+        fd = p.open(top + "/a", rk.O_RDONLY)        # the kernel holds a's vnode
+        p.unlink(top + "/a")                         # its inode number is free
+        p.mkdir(top + "/d", 0o755)                   # and given to d
+        assert stat.S_ISDIR(p.stat(top + "/d")["st_mode"])
+        # the old file's attributes, once their 1 s TTL ends, are ESTALE
+        assert wait_for(lambda: nb_errno(p.fstat, fd) == NB_ERR["ESTALE"], 5)
+        p.close(fd)
+        # rename over a file frees the target's number: mkdir takes it
+        p.writefile(top + "/x", b"x")
+        p.writefile(top + "/y", b"y")
+        fd = p.open(top + "/y", rk.O_RDONLY)
+        p.rename(top + "/x", top + "/y")
+        p.mkdir(top + "/e", 0o755)
+        p.close(fd)
+        assert p.readfile(top + "/y") == b"x"
+        assert sorted(n for _, _, n in p.listdir(top) if n[0] != ".") == ["d", "e", "y"]
+        p.mkdir(top + "/w", 0o755)
+        check_writable_semantics(netbsd, p, top + "/w", Caps(
+            hardlinks=False, symlinks=False, xattrs=False, chown=False, fifo=False, locks=False))
+        for seed in seeds([8]):
+            check_random_operations(p, top, seed)
 
 
 # ===========================================================================
@@ -3392,8 +3556,9 @@ def bench(repeat=3):
 # ===========================================================================
 
 def demo():
-    """make demo: squashfuse behind perfused, the test kernel in front, and
-    what crosses the relay printed as `perfused -d puffs,fuse` would."""
+    """make demo: squashfuse behind perfused, NetBSD's kernel (rump) in front
+    when its libraries are there, else the test kernel, and what crosses
+    the relay printed as `perfused -d puffs,fuse` would."""
     import logging
     missing = [t for t in ("squashfuse", "mksquashfs") if not shutil.which(t)]
     if missing:
@@ -3417,19 +3582,32 @@ def demo():
         img = squashfs_image(tmp, tree)
         trace = perfused.Trace()
         trace.enabled = True
-        print("== mounting %s with squashfuse through perfused (test kernel as NetBSD)" % img)
-        m = Mount(lambda mp: [shutil.which("squashfuse"), "-f", img, mp],
-                  fstype="squashfuse", source=img,
-                  options={"debug": perfused.Debug(["puffs", "fuse"]), "trace": trace})
-        k = m.k
-        print("== walking the tree")
-        found = kernel_walk(k, k.root)
+        argv = lambda mp: [shutil.which("squashfuse"), "-f", img, mp]    # noqa: E731
+        options = {"debug": perfused.Debug(["puffs", "fuse"]), "trace": trace}
+        if rk.library_dir():
+            print("== mounting %s with squashfuse through perfused, NetBSD's kernel in front"
+                  % img)
+            kernel = rk.RumpKernel()
+            m = NetBSDMount(kernel, argv, fstype="squashfuse", source=img, options=options)
+            print("== walking the tree with NetBSD system calls")
+            found = netbsd_tree(m.p, m.target)
+
+            def stop():
+                m.unmount()
+                kernel.close()
+        else:
+            print("== mounting %s with squashfuse through perfused (test kernel as NetBSD;"
+                  " $RUMPLIB for the real one)" % img)
+            m = Mount(argv, fstype="squashfuse", source=img, options=options)
+            print("== walking the tree")
+            found = kernel_walk(m.k, m.k.root)
+            stop = m.stop
         for path, (kind, value) in sorted(found.items()):
             shown = value.decode().strip() if kind == "file" else value
             print("   %-16s %-5s %s" % (path, kind, shown or ""))
         assert found == host_walk(str(tree)), "the tree read back differs"
         print("== unmounting")
-        m.stop()
+        stop()
         log.removeHandler(handler)
         print("== per-op latency through the relay")
         print(trace.report())
