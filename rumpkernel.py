@@ -551,6 +551,7 @@ class Bridge:
             return dict(violations=list(self.violations), errors=list(self.errors),
                         pending=["%s (id %#x, %.1f s)" % (n, i, now - t)
                                  for i, (n, _, t) in sorted(self.pending.items())],
+                        owed=sorted(self.ours.values()),   # our FLUSH/UNMOUNT unanswered
                         counts=dict(self.counts), closed=self.closed, mounted=self.mounted,
                         writing=writing and "reply to id %#x, for %.1f s" % (
                             writing[1], now - writing[0]))
