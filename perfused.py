@@ -892,6 +892,7 @@ class NodeTable:
         return self.by_cookie.get(cookie)
 
     def current(self, nodeid):
+        """The node a daemon's node id names now (notifications)."""
         return self.by_nodeid.get(nodeid)
 
     # --- lookup counts ---------------------------------------------------
@@ -1534,8 +1535,6 @@ def op_open(relay, req):
         opened(node, open_flags)
         if open_flags & FOPEN_DIRECT_IO:
             req.msg.pvnr_oflags = PUFFS_OPEN_IO_DIRECT
-    elif not node.is_dir:
-        node.flags |= DROP_PAGES   # a handle in use: the next open drops pages
 
 
 def handle_for(relay, req, node, mode):
@@ -2299,13 +2298,13 @@ class Relay:
         try:
             if code == FUSE_NOTIFY_INVAL_INODE:
                 nodeid, off, length = NOTIFY_INVAL_INODE.unpack_from(payload)
-                node = self.nodes.by_nodeid.get(nodeid)
+                node = self.nodes.current(nodeid)
                 if node is not None and off >= 0:
                     end = off + length if length > 0 else 0
                     self.send_flush(node.cookie, PUFFS_INVAL_PAGECACHE_NODE_RANGE, off, end)
             elif code in (FUSE_NOTIFY_INVAL_ENTRY, FUSE_NOTIFY_DELETE):
                 parent = NOTIFY_INVAL_ENTRY.unpack_from(payload)[0]
-                node = self.nodes.by_nodeid.get(parent)
+                node = self.nodes.current(parent)
                 if node is not None:
                     self.send_flush(node.cookie, PUFFS_INVAL_NAMECACHE_DIR, 0, 0)
             else:

@@ -2207,9 +2207,13 @@ def check_writable_semantics(kernel, p, top, caps):
         p.utimensat(top + "/f", ((0, rk.UTIME_OMIT), (1300000000, 0)))
         st = p.stat(top + "/f")
         assert (st["st_atim"][0], st["st_mtim"][0]) == (1200000000, 1300000000)
-        # utimes(NULL): now
+        # utimes(NULL) and utimensat(NULL): now
         before = int(time.time()) - 5
         p.utimes(top + "/f", None)
+        st = p.stat(top + "/f")
+        assert st["st_mtim"][0] >= before and st["st_atim"][0] >= before
+        p.utimes(top + "/f", ((1000000000, 0), (1100000000, 0)))
+        p.utimensat(top + "/f", None)
         st = p.stat(top + "/f")
         assert st["st_mtim"][0] >= before and st["st_atim"][0] >= before
     # extended attributes, both interfaces
