@@ -468,8 +468,16 @@ class FuseError(Exception):
     """A FUSE reply carrying an error; errno is the host's number."""
 
     def __init__(self, host_errno, why=""):
-        super().__init__(host_errno, why or os.strerror(host_errno))
+        super().__init__(host_errno, why or strerror(host_errno))
         self.errno = host_errno
+
+
+def strerror(number):
+    """os.strerror that takes any number a daemon may send."""
+    try:
+        return os.strerror(number)
+    except (ValueError, OverflowError):
+        return "error %d" % number
 
 
 class PuffsError(Exception):
@@ -695,18 +703,18 @@ class FuseChannel:
     def fileno(self):
         return self.sock.fileno()
 
-    def send(self, record):
-        """Queue one record (a list of buffers).  Returns False when output
-        is blocked; raises
-        EOFError when the daemon is gone and OSError(EMSGSIZE) for a record
-        that can never fit."""
-        self._outq.append(record)
+    def send(self, unique, record):
+        """Queue one record (a list of buffers) of request `unique`.  Returns
+        False when output is blocked; raises EOFError when the daemon is gone
+        and MessageTooLong, naming its own request, for a queued record that
+        can never fit (the rest stays queued)."""
+        self._outq.append((unique, record))
         return self.flush()
 
     def flush(self):
         while self._outq:
             try:
-                self.sock.sendmsg(self._outq[0], (), SEND_FLAGS)
+                self.sock.sendmsg(self._outq[0][1], (), SEND_FLAGS)
             except (BlockingIOError, InterruptedError):
                 return False
             except OSError as e:
@@ -715,8 +723,7 @@ class FuseChannel:
                 if e.errno in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN):
                     raise EOFError("daemon gone") from e
                 if e.errno == errno.EMSGSIZE:
-                    bad = self._outq.pop(0)
-                    raise MessageTooLong(bad) from e
+                    raise MessageTooLong(*self._outq.pop(0)) from e
                 raise
             self._outq.pop(0)
         return True
@@ -787,9 +794,9 @@ class ProtocolError(Exception):
 
 
 class MessageTooLong(Exception):
-    def __init__(self, record):
+    def __init__(self, unique, record):
         super().__init__("record of %d bytes does not fit the channel" % sum(map(len, record)))
-        self.record = record
+        self.unique = unique
 
 
 def default_bufsize():
@@ -1134,7 +1141,7 @@ def fill_vattr(va, attr):
     va.va_uid, va.va_gid = uid, gid
     va.va_fsid = 0
     va.va_fileid = ino
-    va.va_size = size
+    va.va_size = min(size, OFFSET_MAX)     # 2^63 and more panic the kernel (uvm_vnp_setsize)
     va.va_blocksize = blksize or 512
     va.va_atime = timespec_of(atime, atimens)
     va.va_mtime = timespec_of(mtime, mtimens)
@@ -1143,7 +1150,7 @@ def fill_vattr(va, attr):
     va.va_gen = 0           # FUSE generations matter to NFS export only, which PUFFS lacks
     va.va_flags = 0
     va.va_rdev = netbsd_rdev(rdev) if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else 0
-    va.va_bytes = blocks * 512
+    va.va_bytes = min(blocks * 512, VNOVAL64 - 1)
     va.va_filerev = VNOVAL64
     va.va_vaflags = 0
 
@@ -1160,7 +1167,7 @@ def _shared(value):
 
 
 def remember_attr(node, attr):
-    node.ino, node.size = attr[0], attr[1]
+    node.ino, node.size = attr[0], min(attr[1], OFFSET_MAX)
     node.mode, node.uid, node.gid = _shared(attr[9]), _shared(attr[11]), _shared(attr[12])
     node.nlinks = _shared(attr[10])
 
@@ -1216,6 +1223,11 @@ def entry_reply_to_kernel(relay, req, entry, fresh=False):
     """Account a new-node reply and fill the kernel's newnode/vattr/ttls."""
     if entry.nodeid == 0:
         raise PuffsError(E.ENOENT)          # a negative (cacheable) entry
+    if stat.S_IFMT(entry.attr[9]) not in IFMT_TO_VTYPE:
+        # a node of no known type is "bad node type" to the kernel
+        relay.nodes.forgets.append((entry.nodeid, 1))
+        LOG.error("daemon gave node %#x the mode %#o", entry.nodeid, entry.attr[9])
+        raise PuffsError(E.EIO)
     if entry.nodeid == req.node.nodeid:
         # The kernel would refuse its own directory as the new node (and
         # answer EPROTO); give the daemon its count back and fail the op.
@@ -1249,7 +1261,7 @@ def op_lookup(relay, req):
     entry = EntryReply(payload)
     entry_reply_to_kernel(relay, req, entry)
     msg.pvnr_vtype = msg.pvnr_va.va_type
-    msg.pvnr_size = entry.attr[1]
+    msg.pvnr_size = msg.pvnr_va.va_size
     msg.pvnr_rdev = msg.pvnr_va.va_rdev
     return None
 
@@ -1395,6 +1407,10 @@ def _getattr(relay, req, node, cred):
 def _attr_reply(req, node, fields):
     attr_valid, attr_nsec, _ = fields[:3]
     attr = fields[3:]
+    if stat.S_IFMT(attr[9]) != stat.S_IFMT(node.mode) and node.mode:
+        # a vnode's type never changes: the kernel cannot take another
+        raise FuseError(errno.EIO, "attributes of node %#x give it another type (%#o)"
+                        % (node.nodeid, attr[9]))
     remember_attr(node, attr)
     fill_vattr(req.msg.pvnr_va, attr)
     req.msg.pvnr_va_ttl = node_ttl(node, attr_valid, attr_nsec)
@@ -1824,6 +1840,7 @@ def op_sync(relay, req):
 
 
 def op_unmount(relay, req):
+    relay.flush_forgets()       # the last ones, before DESTROY: none after it
     relay.unmounting = True     # the kernel is unmounting: never ask it to
     if not relay.daemon_gone:
         try:
@@ -2218,18 +2235,34 @@ class Relay:
                       FUSE_OPNAMES.get(freq.opcode, freq.opcode), unique, freq.nodeid,
                       sum(map(len, record)), why)
         try:
-            if not self.channel.send(record) and self.debug.requeue:
-                LOG.debug("  daemon socket full: %d records queued", self.channel.queued)
-        except MessageTooLong:
-            self.inflight.pop(unique, None)
-            LOG.error("%s of %d bytes does not fit the socket buffer",
-                      FUSE_OPNAMES.get(freq.opcode), sum(map(len, record)))
-            raise FuseError(errno.EMSGSIZE)
+            self.channel.send(unique, record)
+        except MessageTooLong as e:
+            if e.unique == unique:      # this one: its translator gets the error
+                self.inflight.pop(unique, None)
+                LOG.error("%s of %d bytes does not fit the socket buffer",
+                          FUSE_OPNAMES.get(freq.opcode), sum(map(len, record)))
+                self._flush_channel()
+                raise FuseError(errno.EMSGSIZE)
+            self._refused(e)
+            self._flush_channel()
         except EOFError:
             self.inflight.pop(unique, None)
             self.daemon_died("send failed")
             raise FuseError(errno.ENXIO, "daemon gone")
+        if self.channel.pending_output and self.debug.requeue:
+            LOG.debug("  daemon socket full: %d records queued", self.channel.queued)
         return unique
+
+    def _refused(self, too_long):
+        """A queued record that can never be sent fails its own request."""
+        LOG.error("request %d: %s", too_long.unique, too_long)
+        inflight = self.inflight.pop(too_long.unique, None)
+        if inflight is None:
+            return
+        if inflight.gen is not None:
+            self.deliver(inflight, exc=FuseError(errno.EMSGSIZE))
+        elif inflight.node is not None:
+            self.nodes.idle(inflight.node)
 
     def send_detached(self, freq, what, node):
         """A request whose reply only needs logging (FLUSH at close, RELEASE);
@@ -2243,7 +2276,7 @@ class Relay:
 
     def flush_forgets(self):
         forgets, self.nodes.forgets = self.nodes.forgets, []
-        if not forgets or self.daemon_gone:
+        if not forgets or self.daemon_gone or self.unmounting:
             return
         if self.debug.reclaim:
             LOG.debug("forget %s", ", ".join("%#x:%d" % f for f in forgets))
@@ -2279,7 +2312,7 @@ class Relay:
                 self.mark_lacking(inflight.detached)
             elif err:
                 LOG.warning("%s of node %#x failed: %s", inflight.detached,
-                            inflight.fuse.nodeid, os.strerror(-err) if err < 0 else err)
+                            inflight.fuse.nodeid, strerror(-err))
             return
         if err > 0 or err < -4095:
             LOG.error("%s: malformed error %d in reply", FUSE_OPNAMES.get(inflight.fuse.opcode), err)
@@ -2624,12 +2657,15 @@ class Relay:
             self.kernel_gone = True
 
     def _flush_channel(self):
-        try:
-            self.channel.flush()
-        except EOFError:
-            self.daemon_died("socket closed")
-        except MessageTooLong as e:
-            LOG.error("%s", e)
+        while True:
+            try:
+                self.channel.flush()
+                return
+            except EOFError:
+                self.daemon_died("socket closed")
+                return
+            except MessageTooLong as e:
+                self._refused(e)
 
     def _drain_device(self):
         for _ in range(64):
@@ -2886,7 +2922,7 @@ def fuse_exchange(channel, relay, freq, timeout=30.0):
             if r_unique != unique:
                 raise FuseError(errno.EPROTO, "unexpected unique %d" % r_unique)
             if err:
-                raise FuseError(-err if err < 0 else errno.EPROTO)
+                raise FuseError(-err if -4096 < err < 0 else errno.EPROTO)
             return bytes(payload)
     except socket.timeout:
         raise FuseError(errno.ETIMEDOUT, "no answer to %s" % FUSE_OPNAMES[freq.opcode])
