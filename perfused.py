@@ -207,15 +207,18 @@ PUFFSOP_VFS, PUFFSOP_VN, PUFFSOP_ERROR = 1, 2, 4
 PUFFSOP_FLUSH, PUFFSOP_UNMOUNT = 5, 7
 PUFFSOP_OPCMASK, PUFFSOPFLAG_FAF, PUFFSOPFLAG_ISRESPONSE = 0x7, 0x10, 0x20
 
-PUFFS_KFLAG_CACHE_FS_TTL, PUFFS_KFLAG_NOFLUSH_META = 0x80, 0x200
+PUFFS_KFLAG_WTCACHE, PUFFS_KFLAG_CACHE_FS_TTL, PUFFS_KFLAG_NOFLUSH_META = 0x8, 0x80, 0x200
 PUFFS_KFLAG_MASK = 0x3BF
 # No PUFFS_KFLAG_CACHE_DOTDOT: with it every cached vnode holds its parent,
 # and this kernel's single-pass vflush then fails unmount with EBUSY.
-DEFAULT_KFLAGS = PUFFS_KFLAG_CACHE_FS_TTL | PUFFS_KFLAG_NOFLUSH_META
+# Write-through: FUSE daemons expect each write(2) to reach them (perfused
+# offers no FUSE_WRITEBACK_CACHE); with write-back caching the kernel sends
+# the new size while the data is still cached, and a daemon that dies
+# then leaves zeros nobody wrote.
+DEFAULT_KFLAGS = PUFFS_KFLAG_WTCACHE | PUFFS_KFLAG_CACHE_FS_TTL | PUFFS_KFLAG_NOFLUSH_META
 PAGE_SIZE = 4096
 
 PUFFS_SETBACK_NOREF_N1, PUFFS_SETBACK_NOREF_N2 = 0x4, 0x8
-PUFFS_OPEN_IO_DIRECT = 0x1
 PUFFS_EXTATTR_LIST_LENPREFIX = 0x1
 PUFFS_INVAL_NAMECACHE_DIR, PUFFS_INVAL_NAMECACHE_ALL = 1, 2
 PUFFS_INVAL_PAGECACHE_NODE_RANGE = 3
@@ -420,7 +423,7 @@ FATTR_MODE, FATTR_UID, FATTR_GID, FATTR_SIZE = 1, 2, 4, 8
 FATTR_ATIME, FATTR_MTIME, FATTR_FH = 16, 32, 64
 FATTR_ATIME_NOW, FATTR_MTIME_NOW = 128, 256
 FUSE_GETATTR_FH, FUSE_LK_FLOCK, FUSE_FSYNC_FDATASYNC = 1, 1, 1
-FOPEN_DIRECT_IO, FOPEN_KEEP_CACHE = 1, 2
+FOPEN_KEEP_CACHE = 2
 FUSE_NOTIFY_INVAL_INODE, FUSE_NOTIFY_INVAL_ENTRY, FUSE_NOTIFY_DELETE = 2, 3, 6
 
 S = struct.Struct
@@ -1548,9 +1551,12 @@ def op_open(relay, req):
     if missing:
         open_flags = yield from _open(relay, node, missing | (mode & ~(FREAD | FWRITE)),
                                       req.cred(req.msg.pvnr_cred))
+        # FOPEN_DIRECT_IO is not passed on as PUFFS_OPEN_IO_DIRECT: with it
+        # the kernel trips an assertion when a written file is opened again
+        # (puffs_vnop_open flushes without pn_sizemtx).  Without
+        # FOPEN_KEEP_CACHE, which direct I/O daemons never give, the pages
+        # are dropped at every open all the same.
         opened(node, open_flags)
-        if open_flags & FOPEN_DIRECT_IO:
-            req.msg.pvnr_oflags = PUFFS_OPEN_IO_DIRECT
 
 
 def handle_for(relay, req, node, mode):
