@@ -7,12 +7,13 @@ each RumpKernel is a child process running this module as a script; the
 caller drives it over a socket:
 
     kernel = RumpKernel()                   # boots NetBSD in a child process
-    dev, mount = kernel.new_device()        # a host socket framed like /dev/puffs
-    ...perfused.serve_connection(sock, device=perfused.PuffsDevice(dev.fileno(), mount))
+    dev, dev_id = kernel.new_device()       # a host socket framed like /dev/puffs
+    device = perfused.PuffsDevice(dev.fileno(), kernel.mounter(dev_id))
+    ...perfused.serve_connection(sock, device=device)
     p = kernel.proc()                       # rump process 1; kernel.proc(uid=...) forks one
     fd = p.open("/mnt/f", O_RDWR | O_CREAT, 0o644)
     p.write(fd, b"data"); p.close(fd)
-    kernel.check(dev_id)                    # every request answered, no kernel errors
+    kernel.report(dev_id)                   # rule breaks, kernel errors, requests unanswered
 
 System calls take and return NetBSD numbers (open flags, errno, struct
 stat); a failing call raises NetBSDError with the NetBSD errno.  Each rump
