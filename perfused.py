@@ -837,7 +837,7 @@ class Node:
 
     __slots__ = ("nodeid", "cookie", "fuse_nlookup", "puffs_nlookup", "mode",
                  "uid", "gid", "size", "nlinks", "rfh", "wfh", "busy", "flags",
-                 "parent", "subdirs", "names", "ino", "gen")
+                 "parent", "name", "subdirs", "names", "ino", "gen")
 
     def __init__(self, nodeid, cookie):
         self.nodeid, self.cookie = nodeid, cookie
@@ -848,6 +848,7 @@ class Node:
         self.busy = 0                   # requests on the node's handles in flight
         self.flags = 0
         self.parent = None              # directories: the Node of "..", as last seen
+        self.name = None                # directories: their name in parent
         self.subdirs = 0                # directory nodes known whose parent this is
         self.names = None               # {name: Node} of those subdirectories, or None
         self.ino = 0                    # st_ino as the daemon reports it
@@ -944,12 +945,12 @@ class NodeTable:
         parent.names[name] = node
         if old is not None and old is not parent:
             self._subdir_gone(old, node)
+        node.name = name
 
     @staticmethod
     def _unname(parent, node):
-        for name, sub in list(parent.names.items()):
-            if sub is node:
-                del parent.names[name]
+        if parent.names.get(node.name) is node:
+            del parent.names[node.name]
 
     def _subdir_gone(self, parent, node):
         parent.subdirs -= 1
