@@ -1232,11 +1232,14 @@ def entry_reply_to_kernel(relay, req, entry, fresh=False):
         relay.nodes.forgets.append((entry.nodeid, 1))
         LOG.error("daemon gave node %#x the mode %#o", entry.nodeid, entry.attr[9])
         raise PuffsError(E.EIO)
-    if entry.nodeid == req.node.nodeid:
-        # The kernel would refuse its own directory as the new node (and
-        # answer EPROTO); give the daemon its count back and fail the op.
+    known = relay.nodes.current(entry.nodeid)
+    if known is not None and known.is_dir and relay.nodes.is_within(req.node, known):
+        # The directory itself, the root or another ancestor as a name in
+        # it: a loop, which deadlocks the kernel (Linux refuses such an
+        # alias with EIO).  Give the daemon its count back, fail the op.
         relay.nodes.forgets.append((entry.nodeid, 1))
-        LOG.error("daemon answered a name in %#x with the directory itself", entry.nodeid)
+        LOG.error("daemon answered a name in %#x with its ancestor %#x", req.node.nodeid,
+                  entry.nodeid)
         raise PuffsError(E.EIO)
     msg = req.msg
     name = bytes(msg.pvnr_cn.pkcn_name)[:msg.pvnr_cn.pkcn_namelen]

@@ -1277,6 +1277,19 @@ def test_lookup_answering_the_directory_itself_is_an_error_not_a_wedge():
         assert m.k.getattr(m.k.root).rv == 0
 
 
+def test_lookup_answering_an_ancestor_is_an_error_not_a_loop():
+    """sub/deeper named as the root or as sub would make a directory loop,
+    which deadlocks NetBSD's kernel: EIO, the daemon's count given back."""
+    tree = {"sub": (10, 0o40755, 0), "up": (1, 0o40755, 0), "again": (10, 0o40755, 0)}
+    with FakeMount({"LOOKUP": names_handler(tree)}, EXACT_FORGETS) as m:
+        k = m.k
+        sub = k.lookup(k.root, "sub").newnode
+        assert k.lookup(sub, "up").rv == NB["EIO"]
+        assert k.lookup(sub, "again").rv == NB["EIO"]
+        assert wait_for(lambda: len(m.daemon.seen("FORGET")) == 2)
+        assert k.getattr(sub).rv == 0
+
+
 # --- bad input from the daemon ---------------------------------------------
 
 def test_short_reply_fails_only_its_request():
