@@ -465,8 +465,7 @@ class Bridge:
             if self.comfd and not self.mounted:
                 self._comfd_mount(frame)
                 continue
-            self._seen_from_server(frame)
-            self.writing = (time.monotonic(), PUFFS_REQ.unpack_from(frame)[1])
+            self.writing = (time.monotonic(), self._seen_from_server(frame))
             try:
                 self.kernel.sys("write", self.fd, frame, len(frame))
             except NetBSDError as e:
@@ -501,12 +500,19 @@ class Bridge:
                 self.violations.append("PUFFS_COMFD mount of %r failed: %s" % (target, e))
             self.peer.close()
 
+    def _header(self, frame, sender):
+        """The frame's struct puffs_req fields, or None (a rule broken)."""
+        if len(frame) >= PUFFS_REQ_SIZE:
+            return PUFFS_REQ.unpack_from(frame)
+        with self.lock:
+            self.violations.append("%s frame of %d bytes" % (sender, len(frame)))
+        return None
+
     def _seen_from_kernel(self, frame):
-        if len(frame) < PUFFS_REQ_SIZE:
-            with self.lock:
-                self.violations.append("kernel frame of %d bytes" % len(frame))
+        header = self._header(frame, "kernel")
+        if header is None:
             return
-        _, rid, _, opclass, optype, rv, _, _, _, buflen = PUFFS_REQ.unpack_from(frame)
+        _, rid, _, opclass, optype, rv, _, _, _, buflen = header
         cls = opclass & OPCMASK
         with self.lock:
             if opclass & ISRESPONSE:
@@ -523,11 +529,15 @@ class Bridge:
                 self.pending[rid] = (name, buflen, time.monotonic())
 
     def _seen_from_server(self, frame):
-        if len(frame) < PUFFS_REQ_SIZE:
-            with self.lock:
-                self.violations.append("file server frame of %d bytes" % len(frame))
-            return
-        framelen, rid, _, opclass, optype, rv, _, _, _, _ = PUFFS_REQ.unpack_from(frame)
+        """The frame's id, after checking it against the requests waiting."""
+        header = self._header(frame, "file server")
+        if header is None:
+            return None
+        self._check_from_server(frame, header)
+        return header[1]
+
+    def _check_from_server(self, frame, header):
+        framelen, rid, _, opclass, optype, rv, _, _, _, _ = header
         with self.lock:
             if not opclass & ISRESPONSE:
                 self.ours[rid] = PUFFS_OPNAMES.get((opclass & OPCMASK, 0), str(opclass))
@@ -554,7 +564,7 @@ class Bridge:
                                  for i, (n, _, t) in sorted(self.pending.items())],
                         owed=sorted(self.ours.values()),   # our FLUSH/UNMOUNT unanswered
                         counts=dict(self.counts), closed=self.closed, mounted=self.mounted,
-                        writing=writing and "reply to id %#x, for %.1f s" % (
+                        writing=writing and "frame of id %r, for %.1f s" % (
                             writing[1], now - writing[0]))
 
     def close(self):
@@ -669,10 +679,9 @@ class RumpKernel:
             raise FileNotFoundError("rump kernel libraries not found ($RUMPLIB)")
         self.timeout = timeout
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.log = open(os.devnull, "wb") if os.environ.get("RUMP_QUIET") else None
         self.proc_handle = subprocess.Popen(
             [python or sys.executable, os.path.abspath(__file__), str(theirs.fileno()), libdir],
-            pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, stdout=self.log,
+            pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
             start_new_session=True)
         theirs.close()
         self.sock = ours
