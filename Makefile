@@ -14,10 +14,10 @@ test:
 	$(PYTHON) -m pytest -q test_perfused.py
 
 demo:
-	$(PYTHON) test_perfused.py demo
+	$(PYTHON) bench.py demo
 
 bench:
-	$(PYTHON) test_perfused.py bench
+	$(PYTHON) bench.py bench
 
 install:
 	@python=`$(PYTHON) -c 'import sys; print(sys.executable)'`; \

@@ -22,8 +22,10 @@ perfuse_mount (the C API) -> connect() (the Pythonic layer) -> the
 fusermount stand-in -> the launcher command line.
 """
 
+import ctypes
 import errno
 import hashlib
+import logging
 import os
 import shutil
 import socket
@@ -35,29 +37,46 @@ import sys
 __all__ = ["perfuse_open", "perfuse_mount", "mount_request", "connect",
            "PerfuseChannel", "main"]
 
+LOG = logging.getLogger("libperfuse")
 _PATH_FUSE = "/dev/fuse"
 PERFUSE_MOUNT_MAGIC = b"noFuseRq"
-# struct perfuse_mount_out: len, error, unique (-1), magic[9], the lengths
-# (strlen + 1, or 0 when absent) of source, target, fstype, then mount
-# flags, then the lengths of data and sock; 56 bytes, strings follow.
-MOUNT_HEADER = struct.Struct("<IiQ9s3xIIIIII4x")
+
+
+class PerfuseMountOut(ctypes.Structure):
+    """struct perfuse_mount_out (lib/libperfuse/perfuse_if.h) in the host's
+    C layout (56 bytes on LP64 ports, 52 on i386), as NetBSD's C libperfuse
+    sends it: unique -1, the magic, the lengths (strlen + 1, or 0 when
+    absent) of the strings that follow.  perfused.py has the same
+    definition; a test holds them equal."""
+    _fields_ = [("pmo_len", ctypes.c_uint32), ("pmo_error", ctypes.c_int32),
+                ("pmo_unique", ctypes.c_uint64), ("pmo_magic", ctypes.c_char * 9),
+                ("pmo_source_len", ctypes.c_uint32), ("pmo_target_len", ctypes.c_uint32),
+                ("pmo_filesystemtype_len", ctypes.c_uint32), ("pmo_mountflags", ctypes.c_uint32),
+                ("pmo_data_len", ctypes.c_uint32), ("pmo_sock_len", ctypes.c_uint32)]
+
 SOL_LOCAL, LOCAL_CREDS = 0, 4            # NetBSD sys/un.h
 IS_NETBSD = sys.platform.startswith("netbsd")
 
 
 def socket_path():
-    """Where perfused listens: $PERFUSE_SOCKET or /dev/fuse."""
+    """Where perfused listens: $PERFUSE_SOCKET (unset or empty: /dev/fuse),
+    as perfused.socket_path()."""
     return os.environ.get("PERFUSE_SOCKET") or _PATH_FUSE
 
 
 def bufsize():
-    """PERFUSE_BUFSIZE, or 16 FUSE packets of 132 KiB (as perfused)."""
-    default = 16 * max(os.sysconf("SC_PAGESIZE") + 0x1000, 0x21000)
+    """Socket buffer size: PERFUSE_BUFSIZE (1 to 2^32 - 1, C notation), else
+    16 FUSE packets of 132 KiB, as perfused.default_bufsize()."""
+    value = os.environ.get("PERFUSE_BUFSIZE", "")
     try:
-        value = int(os.environ.get("PERFUSE_BUFSIZE", ""), 0)
-        return value if 0 < value <= 0xFFFFFFFF else default
+        size = int(value, 0) if value else 0
     except ValueError:
-        return default
+        size = -1
+    if 0 < size <= 0xFFFFFFFF:
+        return size
+    if value:
+        LOG.warning("ignoring PERFUSE_BUFSIZE=%r", value)
+    return 16 * max(os.sysconf("SC_PAGESIZE") + 0x1000, 0x21000)
 
 
 def mount_request(source, target, filesystemtype, mountflags, data, sock=None):
@@ -66,10 +85,10 @@ def mount_request(source, target, filesystemtype, mountflags, data, sock=None):
     raw = [None if f is None else (os.fsencode(f) + b"\0") for f in fields]
     lens = [0 if r is None else len(r) for r in raw]
     body = b"".join(r for r in raw if r is not None)
-    head = MOUNT_HEADER.pack(MOUNT_HEADER.size + len(body), 0, 0xFFFFFFFFFFFFFFFF,
-                             PERFUSE_MOUNT_MAGIC, lens[0], lens[1], lens[2],
-                             mountflags & 0xFFFFFFFF, lens[3], lens[4])
-    return head + body
+    head = PerfuseMountOut(ctypes.sizeof(PerfuseMountOut) + len(body), 0, 0xFFFFFFFFFFFFFFFF,
+                           PERFUSE_MOUNT_MAGIC, lens[0], lens[1], lens[2],
+                           mountflags & 0xFFFFFFFF, lens[3], lens[4])
+    return bytes(head) + body
 
 
 # ---------------------------------------------------------------------------
@@ -356,7 +375,6 @@ def shadow_fusermount(standin):
                 real.add(os.path.realpath(path))
     if not real:
         return
-    import ctypes
     libc = ctypes.CDLL(None, use_errno=True)
     clone_newns, ms_rec, ms_private, ms_bind = 0x20000, 0x4000, 0x40000, 0x1000
     if (getattr(libc, "unshare", None) is None or libc.unshare(clone_newns) != 0

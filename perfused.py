@@ -5,21 +5,27 @@
 # the FUSE kernel protocol.  perfused listens on the /dev/fuse socket, performs
 # the PUFFS mount for each daemon that connects, and relays every request.
 #
-# The module reads in the order a request travels through it:
+# Definitions come first, then the pieces a request passes through from the
+# bottom up, then what puts them together:
 #
 #   1. Number spaces      NetBSD numbers (kernel side) <-> host numbers (daemon)
 #   2. PUFFS wire formats ctypes structures in the host C ABI
-#   3. FUSE wire formats  struct.Struct layouts, opcodes, flags
+#   3. FUSE wire formats  FuseStruct layouts and records, opcodes, flags
 #   4. Channels           PuffsDevice (/dev/puffs), FuseChannel (the socket)
-#   5. Node table         cookies <-> FUSE node ids, lookup counts, handles
-#   6. Op translators     one generator per PUFFS op, table driven
-#   7. Relay loop         selectors loop, unique -> suspended translator
-#   8. Mount handshake    perfuse mount request, credentials, serve_connection
-#   9. Daemon and CLI     perfused(8): options, listener, signals, trace
+#   5. Session            what FUSE_INIT and the mount settled; missing ops
+#   6. Node table         cookies <-> node ids, lookups, parents, handles
+#   7. Op translators     one generator per PUFFS op, table driven (OPS)
+#   8. Relay              the loop, unique -> suspended translator, replies
+#   9. Mount handshake    perfuse mount request, credentials, serve_connection
+#  10. Daemon and CLI     perfused(8): options, listener, signals, trace
 #
-# Translators are generators: they yield FuseRequest objects and receive the
-# reply payload back (or a FuseError thrown in), so a PUFFS op that needs
-# several FUSE exchanges reads top to bottom and many ops are in flight.
+# One request's path: PuffsDevice.read_frame -> Relay.on_kernel_frame ->
+# its translator in OPS -> Relay.send_fuse -> FuseChannel.send; the reply:
+# FuseChannel.receive -> Relay.on_fuse_reply -> the translator again ->
+# Relay.finish -> PuffsDevice.write_frame.  Translators are generators:
+# they yield FuseRequest objects and receive the reply payload back (or a
+# FuseError thrown in), so a PUFFS op that needs several FUSE exchanges
+# reads top to bottom and many ops are in flight.
 
 import collections
 import ctypes
@@ -225,8 +231,11 @@ PUFFS_INVAL_PAGECACHE_NODE_RANGE = 3
 PUFFS_FLUSH_PAGECACHE_NODE_RANGE = 4
 PUFFS_VN_MAX, PUFFS_VN_SPARE = 48, 30   # the vnopmask has one byte per op
 PUFFS_MSG_MAXSIZE = 2 * 65536
+PUFFS_HASH_BUCKETS = 256              # the kernel's cookie hash (pa_nhashbuckets)
 MAX_REPLY_BUFFER = 64 << 20           # sanity bound on a kernel's preq_buflen
 LARGE_REPLY = 256 << 10               # reply buffers from this size are reused
+SPARE_REPLY_BUFFERS = 4               # ... this many at most
+OUR_REQUEST_IDS = 1 << 63             # ids of our requests to the kernel: top bit set
 PUFFCRED_TYPE_UUC = 1
 VA_UTIMES_NULL, VA_EXCLUSIVE = 0x1, 0x2
 FSYNC_DATAONLY = 0x2
@@ -374,6 +383,12 @@ MsgError = _msg("MsgError", ("perr_error", c.c_int), ("perr_str", c.c_char * 256
 # name + NUL, the record rounded up to 8 bytes.
 NB_DIRENT = struct.Struct("=QHHB")
 NB_MAXNAMLEN = 511
+NB_MAXPATHLEN = 1024
+NB_NO_FILENO = 0xFFFFFFFF      # for an entry the daemon gives no inode: 0 would hide it
+NB_POLL_FILE_READY = 0x47      # POLLIN|POLLPRI|POLLOUT|POLLRDNORM: what a file always is
+# NetBSD local sockets (sys/un.h, sys/socket.h)
+SOL_LOCAL, LOCAL_PEEREID, LOCAL_CREDS, SCM_CREDS = 0, 3, 4, 0x10
+SOCKCRED = struct.Struct("=iIIII")      # struct sockcred: pid, uid, euid, gid, egid
 
 
 def nb_dirent_reclen(namelen):
@@ -393,7 +408,7 @@ PUFFS_VN = dict(
 )
 
 # ---------------------------------------------------------------------------
-# 3. FUSE wire formats (linux/fuse.h; little-endian on every host we meet)
+# 3. FUSE wire formats (linux/fuse.h, in the host's byte order)
 # ---------------------------------------------------------------------------
 
 FUSE_KERNEL_VERSION, FUSE_OFFERED_MINOR, FUSE_OLDEST_MINOR = 7, 31, 12
@@ -424,47 +439,90 @@ FATTR_ATIME, FATTR_MTIME, FATTR_FH = 16, 32, 64
 FATTR_ATIME_NOW, FATTR_MTIME_NOW = 128, 256
 FUSE_GETATTR_FH, FUSE_LK_FLOCK, FUSE_FSYNC_FDATASYNC = 1, 1, 1
 FOPEN_KEEP_CACHE = 2
+FUSE_DEFAULT_MAX_PAGES = 32             # without FUSE_MAX_PAGES: 128 KiB requests
 FUSE_NOTIFY_INVAL_INODE, FUSE_NOTIFY_INVAL_ENTRY, FUSE_NOTIFY_DELETE = 2, 3, 6
 
-S = struct.Struct
-IN_HEADER = S("<IIQQIII4x")
-OUT_HEADER = S("<IiQ")
-INIT_IN = S("<IIIII44x")
-INIT_OUT = S("<IIIIHHIIHHI28x")
-INIT_OUT_OLD = 24                       # minors below 23
-ATTR = S("<QQQQQQIIIIIIIIII")
-ENTRY_OUT = S("<QQQQII" + ATTR.format[1:])
-ATTR_OUT = S("<QII" + ATTR.format[1:])
-GETATTR_IN = S("<IIQ")
-SETATTR_IN = S("<IIQQQQQQIIIIIIII")
-OPEN_IN = S("<II")
-OPEN_OUT = S("<QII")
-CREATE_IN = S("<IIII")
-MKNOD_IN = S("<IIII")
-MKDIR_IN = S("<II")
-RELEASE_IN = S("<QIIQ")
-FLUSH_IN = S("<QIIQ")
-READ_IN = S("<QQIIQII")
-WRITE_IN = READ_IN
-WRITE_OUT = S("<II")
-STATFS_OUT = S("<QQQQQIIII24x")
-FSYNC_IN = S("<QII")
-LK_IN = S("<QQQQIIII")
-LK_OUT = S("<QQII")
-ACCESS_IN = S("<II")
-XATTR_SIZE = S("<II")                   # getxattr_in/out, setxattr_in
-POLL_IN = S("<QQII")
-POLL_OUT = S("<II")
-FALLOCATE_IN = S("<QQQII")
-FORGET_IN = S("<Q")
-BATCH_FORGET_IN = S("<II")
-FORGET_ONE = S("<QQ")
-LINK_IN = S("<Q")
-RENAME_IN = S("<Q")
-DIRENT = S("<QQII")
-NOTIFY_INVAL_INODE = S("<Qqq")
-NOTIFY_INVAL_ENTRY = S("<QII")          # its parent comes first, as in DELETE
-ENTRY_OUT_SIZE = ENTRY_OUT.size
+# FUSE is the host's own byte order and sizes ("=": native order, standard
+# sizes, padding spelled out as in linux/fuse.h).
+FUSE_ORDER = "="
+
+
+class FuseStruct:
+    """One linux/fuse.h structure: "name:code" fields (codes of the struct
+    module; "_:4x" is padding) and optionally a nested structure as its
+    last member.  unpack_from gives a record naming the fields."""
+
+    __slots__ = ("struct", "size", "pack", "record", "tail", "_split")
+
+    def __init__(self, name, fields, tail=None):
+        names, codes = [], []
+        for field in fields.split():
+            fname, _, code = field.partition(":")
+            codes.append(code)
+            if not code.endswith("x"):
+                names.append(fname)
+        if tail is not None:
+            codes.append(tail.struct.format[1:])
+            names.append(tail.record.__name__.lower())
+        self.struct = struct.Struct(FUSE_ORDER + "".join(codes))
+        self.size, self.pack = self.struct.size, self.struct.pack
+        self.record = collections.namedtuple(name, names)
+        self.tail, self._split = tail, len(names) - 1
+
+    def unpack_from(self, buffer, offset=0):
+        values = self.struct.unpack_from(buffer, offset)
+        if self.tail is None:
+            return self.record._make(values)
+        return self.record(*values[:self._split],
+                           self.tail.record._make(values[self._split:]))
+
+
+FS = FuseStruct
+IN_HEADER = FS("InHeader", "len:I opcode:I unique:Q nodeid:Q uid:I gid:I pid:I _:4x")
+OUT_HEADER = FS("OutHeader", "len:I error:i unique:Q")
+INIT_IN = FS("InitIn", "major:I minor:I max_readahead:I flags:I flags2:I _:44x")
+INIT_OUT = FS("InitOut", "major:I minor:I max_readahead:I flags:I max_background:H "
+                         "congestion_threshold:H max_write:I time_gran:I max_pages:H "
+                         "map_alignment:H flags2:I _:28x")
+INIT_OUT_OLD = 24                       # its size for minors below 23
+ATTR = FS("Attr", "ino:Q size:Q blocks:Q atime:Q mtime:Q ctime:Q atimensec:I "
+                  "mtimensec:I ctimensec:I mode:I nlink:I uid:I gid:I rdev:I "
+                  "blksize:I flags:I")
+ENTRY_OUT = FS("EntryOut", "nodeid:Q generation:Q entry_valid:Q attr_valid:Q "
+                           "entry_valid_nsec:I attr_valid_nsec:I", ATTR)
+ATTR_OUT = FS("AttrOut", "attr_valid:Q attr_valid_nsec:I dummy:I", ATTR)
+GETATTR_IN = FS("GetattrIn", "getattr_flags:I dummy:I fh:Q")
+SETATTR_IN = FS("SetattrIn", "valid:I padding:I fh:Q size:Q lock_owner:Q atime:Q mtime:Q "
+                             "ctime:Q atimensec:I mtimensec:I ctimensec:I mode:I "
+                             "unused4:I uid:I gid:I unused5:I")
+OPEN_IN = FS("OpenIn", "flags:I open_flags:I")
+OPEN_OUT = FS("OpenOut", "fh:Q open_flags:I padding:I")
+CREATE_IN = FS("CreateIn", "flags:I mode:I umask:I open_flags:I")
+MKNOD_IN = FS("MknodIn", "mode:I rdev:I umask:I padding:I")
+MKDIR_IN = FS("MkdirIn", "mode:I umask:I")
+RELEASE_IN = FS("ReleaseIn", "fh:Q flags:I release_flags:I lock_owner:Q")
+FLUSH_IN = FS("FlushIn", "fh:Q unused:I padding:I lock_owner:Q")
+READ_IN = FS("ReadIn", "fh:Q offset:Q size:I read_flags:I lock_owner:Q flags:I padding:I")
+WRITE_IN = FS("WriteIn", "fh:Q offset:Q size:I write_flags:I lock_owner:Q flags:I padding:I")
+WRITE_OUT = FS("WriteOut", "size:I padding:I")
+STATFS_OUT = FS("Kstatfs", "blocks:Q bfree:Q bavail:Q files:Q ffree:Q bsize:I namelen:I "
+                           "frsize:I padding:I _:24x")
+FSYNC_IN = FS("FsyncIn", "fh:Q fsync_flags:I padding:I")
+LK_IN = FS("LkIn", "fh:Q owner:Q start:Q end:Q type:I pid:I lk_flags:I padding:I")
+LK_OUT = FS("LkOut", "start:Q end:Q type:I pid:I")
+ACCESS_IN = FS("AccessIn", "mask:I padding:I")
+XATTR_SIZE = FS("XattrSize", "size:I flags:I")     # getxattr_in/out, setxattr_in
+POLL_IN = FS("PollIn", "fh:Q kh:Q flags:I events:I")
+POLL_OUT = FS("PollOut", "revents:I padding:I")
+FALLOCATE_IN = FS("FallocateIn", "fh:Q offset:Q length:Q mode:I padding:I")
+FORGET_IN = FS("ForgetIn", "nlookup:Q")
+BATCH_FORGET_IN = FS("BatchForgetIn", "count:I dummy:I")
+FORGET_ONE = FS("ForgetOne", "nodeid:Q nlookup:Q")
+LINK_IN = FS("LinkIn", "oldnodeid:Q")
+RENAME_IN = FS("RenameIn", "newdir:Q")
+DIRENT = FS("Dirent", "ino:Q off:Q namelen:I type:I")
+NOTIFY_INVAL_INODE = FS("NotifyInvalInode", "ino:Q off:q len:q")
+NOTIFY_INVAL_ENTRY = FS("NotifyInvalEntry", "parent:Q namelen:I padding:I")   # DELETE too
 
 
 class FuseError(Exception):
@@ -596,17 +654,24 @@ class PuffsDevice:
         when the mount is gone (ENXIO/ENOENT, or EOF on a stand-in)."""
         if self._buf is None:
             self._buf = bytearray(self.READ_SIZE)
+        n = self._io(os.readv, [self._buf])
+        if n is None:
+            return None
+        if not n:
+            raise EOFError("device closed")
+        return bytes(memoryview(self._buf)[:n])
+
+    def _io(self, call, arg):
+        """call(fd, arg); None when it would block, EOFError when the mount
+        is gone."""
         try:
-            n = os.readv(self.fd, [self._buf])
+            return call(self.fd, arg)
         except BlockingIOError:
             return None
         except OSError as e:
             if e.errno in DEVICE_GONE:
                 raise EOFError(e.strerror) from e
             raise
-        if not n:
-            raise EOFError("device closed")
-        return bytes(memoryview(self._buf)[:n])
 
     def write_frame(self, frame):
         """Queue a frame; returns True when everything queued is written."""
@@ -615,14 +680,8 @@ class PuffsDevice:
 
     def flush(self):
         while self._outq:
-            try:
-                os.write(self.fd, self._outq[0])
-            except BlockingIOError:
+            if self._io(os.write, self._outq[0]) is None:
                 return False
-            except OSError as e:
-                if e.errno in DEVICE_GONE:
-                    raise EOFError(e.strerror) from e
-                raise
             self._outq.pop(0)
         return True
 
@@ -670,6 +729,7 @@ def netbsd_mount(target, flags, kargs):
 
 
 SEND_FLAGS = getattr(socket, "MSG_NOSIGNAL", 0)
+MAX_SPLIT_REPLY = 64 << 20      # a reply split over records: bound what is reassembled
 
 
 class FuseChannel:
@@ -680,9 +740,19 @@ class FuseChannel:
         self.sock = sock
         self.sndbuf = self.rcvbuf = 0
         self.set_buffers(bufsize or default_bufsize())
-        self._outq = []
-        self._partial = None          # (unique, expected length, bytearray)
-        self._buf = bytearray(max(self.rcvbuf, 4 * 1024 * 1024) + 4096)
+        self.unique = 0                 # the last request id given out
+        self._outq = []                 # (unique, record) not yet sent
+        self._partial = None            # (unique, expected length, bytearray)
+        self.size_receive(PAGE_SIZE)    # the handshake's replies are small
+
+    def new_unique(self):
+        self.unique += 1
+        return self.unique
+
+    def size_receive(self, largest):
+        """Receive records of up to `largest` bytes (what the session asks
+        for); a larger one fails its own request."""
+        self._buf = bytearray(largest + PAGE_SIZE)
         self._view = memoryview(self._buf)
 
     def set_buffers(self, size):
@@ -758,7 +828,8 @@ class FuseChannel:
             raise EOFError("daemon closed the channel")
         if flags & getattr(socket, "MSG_TRUNC", 0x10):
             self._partial = None
-            raise ProtocolError(None, "record larger than %d bytes dropped" % len(self._buf))
+            unique = OUT_HEADER.unpack_from(self._buf).unique if n >= OUT_HEADER.size else None
+            raise ProtocolError(unique, "record larger than %d bytes" % len(self._buf))
         view = self._view[:n]
         if self._partial is not None:
             unique, want, acc = self._partial
@@ -769,12 +840,12 @@ class FuseChannel:
             if len(acc) < want:
                 return None
             self._partial = None
-            length, err, unique = OUT_HEADER.unpack_from(acc)
-            return unique, err, memoryview(acc)[OUT_HEADER.size:]
+            header = OUT_HEADER.unpack_from(acc)
+            return header.unique, header.error, memoryview(acc)[OUT_HEADER.size:]
         if n < OUT_HEADER.size:
             raise ProtocolError(None, "record of %d bytes is shorter than a header" % n)
-        length, err, unique = OUT_HEADER.unpack_from(view)
-        if length < OUT_HEADER.size or length > 64 * 1024 * 1024:
+        length, err, unique = OUT_HEADER.struct.unpack_from(view)
+        if length < OUT_HEADER.size or length > MAX_SPLIT_REPLY:
             raise ProtocolError(unique, "reply length %d is impossible" % length)
         if length > n:
             self._partial = (unique, length, bytearray(view))
@@ -803,7 +874,8 @@ class MessageTooLong(Exception):
 
 
 def default_bufsize():
-    """Socket buffer size: PERFUSE_BUFSIZE or 16 FUSE packets of 132 KiB."""
+    """Socket buffer size: PERFUSE_BUFSIZE (1 to 2^32 - 1, C notation), else
+    16 FUSE packets of 132 KiB.  libperfuse.bufsize() is the same."""
     default = 16 * max(os.sysconf("SC_PAGESIZE") + 0x1000, 0x21000)
     value = os.environ.get("PERFUSE_BUFSIZE")
     if value:
@@ -817,8 +889,140 @@ def default_bufsize():
     return default
 
 
+def socket_path():
+    """Where perfused listens: $PERFUSE_SOCKET (unset or empty: /dev/fuse).
+    libperfuse.socket_path() is the same."""
+    return os.environ.get("PERFUSE_SOCKET") or "/dev/fuse"
+
+
 # ---------------------------------------------------------------------------
-# 5. Node table
+# 5. Session: what the mount and FUSE_INIT settled
+# ---------------------------------------------------------------------------
+
+DEFAULT_MAX_READ = 128 * 1024   # READ size offered without max_read=: what the kernel sends
+XATTR_LIST_MAX = 65536          # the largest LISTXATTR reply Linux takes
+
+
+class Session:
+    """One connection's parameters: the mount's (flags, owner,
+    PERFUSE_OPTIONS), what FUSE_INIT negotiated (minor, flags, I/O sizes),
+    and what the daemon turned out to lack, keyed by FUSE opcode.
+    negotiate_init makes it; translators read it; what is learnt later (a
+    missing op, the name length, a listing's size ratio) comes in through
+    its methods."""
+
+    def __init__(self, minor, init_flags, max_read, max_write, mount_flags=0, owner_uid=0,
+                 perfuse_options=""):
+        self.minor, self.init_flags = minor, init_flags
+        self.max_read, self.max_write = max_read, max_write
+        self.mount_flags, self.owner_uid = mount_flags, owner_uid
+        popts = parse_perfuse_options(perfuse_options)
+        self.access_via_daemon = popts.get("access", False)
+        self.use_create = popts.get("creat", True)
+        self.poll = popts.get("poll", False)
+        self.advlock = popts.get("advlock", True) and bool(init_flags & FUSE_POSIX_LOCKS)
+        self.namemax = None             # the daemon's NAME_MAX, once STATFS said it
+        self.readdir_ratio = 1.5        # FUSE bytes per NetBSD dirent byte, as last seen
+        self._lacking = set()
+
+    def lacks(self, opcode):
+        return opcode in self._lacking
+
+    def mark_lacking(self, opcode):
+        if opcode not in self._lacking:
+            LOG.info("daemon lacks %s: not asking again", FUSE_OPNAMES.get(opcode, opcode))
+            self._lacking.add(opcode)
+
+    def saw_statfs(self, statfs):
+        self.namemax = statfs.namelen or self.namemax
+
+    def saw_listing(self, fuse_bytes, dirent_bytes):
+        self.readdir_ratio = fuse_bytes / dirent_bytes
+
+    @property
+    def largest_reply(self):
+        """The largest reply record this session asks for."""
+        return max(self.max_read, XATTR_LIST_MAX, PUFFS_MSG_MAXSIZE) + OUT_HEADER.size
+
+
+# What unless_lacking returns for an operation the daemon does not implement.
+LACKING = object()
+
+
+def unless_lacking(relay, freq):
+    """`yield from` it to ask freq of the daemon unless it lacks the
+    operation: the reply payload, or LACKING when ENOSYS said so, now or
+    earlier in the session (as Linux, perfused never asks again).  Every
+    fallback for a missing operation goes through here."""
+    session = relay.session
+    if session.lacks(freq.opcode):
+        return LACKING
+    try:
+        return (yield freq)
+    except FuseError as e:
+        if e.errno != errno.ENOSYS:
+            raise
+        session.mark_lacking(freq.opcode)
+        return LACKING
+
+
+def fuse_exchange(channel, freq, timeout=30.0):
+    """A blocking request/reply before the relay loop runs (INIT, root attr)."""
+    unique = channel.new_unique()
+    channel.sock.settimeout(timeout)
+    try:
+        channel.sock.sendmsg(freq.pack(unique))
+        deadline = time.monotonic() + timeout
+        while True:
+            if time.monotonic() > deadline:
+                raise FuseError(errno.ETIMEDOUT, "no answer to %s" % FUSE_OPNAMES[freq.opcode])
+            got = channel.receive()
+            if got is None:
+                continue
+            r_unique, err, payload = got
+            if r_unique == 0:
+                continue
+            if r_unique != unique:
+                raise FuseError(errno.EPROTO, "unexpected unique %d" % r_unique)
+            if err:
+                raise FuseError(-err if -4096 < err < 0 else errno.EPROTO)
+            return bytes(payload)
+    except socket.timeout:
+        raise FuseError(errno.ETIMEDOUT, "no answer to %s" % FUSE_OPNAMES[freq.opcode])
+    except (BrokenPipeError, ConnectionResetError) as e:
+        raise EOFError("daemon gone") from e
+    finally:
+        channel.sock.settimeout(None)
+
+
+def negotiate_init(channel, max_read=DEFAULT_MAX_READ, **mount):
+    """FUSE_INIT with the daemon: the Session it settles (`mount`: the
+    Session's mount-side keywords)."""
+    body = INIT_IN.pack(FUSE_KERNEL_VERSION, FUSE_OFFERED_MINOR, max_read, FUSE_OFFERED_FLAGS, 0)
+    payload = fuse_exchange(channel, FuseRequest(F.INIT, 0, (body,)))
+    if len(payload) < INIT_OUT_OLD:
+        raise FuseError(errno.EPROTO, "INIT reply of %d bytes" % len(payload))
+    init = INIT_OUT.unpack_from(payload[:INIT_OUT.size].ljust(INIT_OUT.size, b"\0"))
+    if init.major != FUSE_KERNEL_VERSION or init.minor < FUSE_OLDEST_MINOR:
+        raise FuseError(errno.EPROTO, "daemon speaks FUSE %d.%d" % (init.major, init.minor))
+    pages = init.max_pages if init.minor >= 23 and init.flags & FUSE_MAX_PAGES else 0
+    pages = pages or FUSE_DEFAULT_MAX_PAGES
+    # A READ reply must fit the daemon's socket buffer, which we cannot see;
+    # libperfuse sizes both ends alike, so ours is the best guess.
+    read = max(PAGE_SIZE, min(pages * PAGE_SIZE, max_read, channel.rcvbuf - PAGE_SIZE))
+    # A WRITE record is header + write_in + data: keep it within our buffer.
+    write = max(PAGE_SIZE, min(init.max_write or PAGE_SIZE, pages * PAGE_SIZE,
+                               channel.sndbuf - PAGE_SIZE))
+    LOG.info("daemon speaks FUSE %d.%d, flags %#x, max_read %d, max_write %d",
+             init.major, init.minor, init.flags, read, write)
+    session = Session(min(init.minor, FUSE_OFFERED_MINOR), init.flags & FUSE_OFFERED_FLAGS,
+                      read, write, **mount)
+    channel.size_receive(session.largest_reply)
+    return session
+
+
+# ---------------------------------------------------------------------------
+# 6. Node table
 # ---------------------------------------------------------------------------
 
 # Node.flags
@@ -829,6 +1033,7 @@ STALE = 0x8          # the daemon reused the node id for another file: answer ES
 PAGES_READ = 0x10    # READ or WRITE reached the daemon since the last OPEN
 DROP_PAGES = 0x20    # the last OPEN reply lacked FOPEN_KEEP_CACHE
 LISTED = 0x40        # READDIR served entries from the current directory handle
+NAMES_REFUSED = 0x80  # a listing had a name NetBSD cannot take: logged once
 
 
 class Node:
@@ -902,6 +1107,21 @@ class NodeTable:
     def get(self, cookie):
         return self.by_cookie.get(cookie)
 
+    def of(self, cookie):
+        """The node of a cookie the kernel names in a request's body."""
+        node = self.by_cookie.get(cookie)
+        if node is None:
+            raise PuffsError(E.ENOENT, "unknown cookie %#x" % cookie)
+        return node
+
+    def give_back(self, nodeid):
+        """An entry reply that is refused: the daemon's lookup is forgotten."""
+        self.forgets.append((nodeid, 1))
+
+    def take_forgets(self):
+        forgets, self.forgets = self.forgets, []
+        return forgets
+
     def current(self, nodeid):
         """The node a daemon's node id names now (notifications)."""
         return self.by_nodeid.get(nodeid)
@@ -913,7 +1133,7 @@ class NodeTable:
         `fresh`: the reply made a new file (CREATE, MKDIR...), so a node the
         kernel still holds under that id is another, older file."""
         node = self.by_nodeid.get(entry.nodeid)
-        mode = entry.attr[9]
+        mode = entry.attr.mode
         if node is not None and node is not self.root and node.puffs_nlookup > 0 and (
                 fresh or stat.S_IFMT(mode) != stat.S_IFMT(node.mode)
                 or entry.generation != node.gen):
@@ -1094,7 +1314,7 @@ class NodeInUse:
 
 
 # ---------------------------------------------------------------------------
-# 6. Op translators
+# 7. Op translators
 #
 # Each translator takes (relay, req).  One that needs the daemon is a
 # generator: `yield FuseRequest` returns the reply payload (a memoryview
@@ -1136,25 +1356,24 @@ def kcn_name(kcn, relay=None):
 
 
 def fill_vattr(va, attr):
-    """FUSE attr tuple -> NetBSD struct vattr."""
-    (ino, size, blocks, atime, mtime, ctime, atimens, mtimens, ctimens, mode,
-     nlink, uid, gid, rdev, blksize, _flags) = attr
+    """A FUSE Attr record -> NetBSD struct vattr."""
+    mode = attr.mode
     va.va_type = IFMT_TO_VTYPE.get(stat.S_IFMT(mode), VNON)
     va.va_mode = mode & 0o7777
-    va.va_nlink = nlink
-    va.va_uid, va.va_gid = uid, gid
+    va.va_nlink = attr.nlink
+    va.va_uid, va.va_gid = attr.uid, attr.gid
     va.va_fsid = 0
-    va.va_fileid = ino
-    va.va_size = min(size, OFFSET_MAX)     # 2^63 and more panic the kernel (uvm_vnp_setsize)
-    va.va_blocksize = blksize or 512
-    va.va_atime = timespec_of(atime, atimens)
-    va.va_mtime = timespec_of(mtime, mtimens)
-    va.va_ctime = timespec_of(ctime, ctimens)
+    va.va_fileid = attr.ino
+    va.va_size = min(attr.size, OFFSET_MAX)   # 2^63 and more panic the kernel (uvm_vnp_setsize)
+    va.va_blocksize = attr.blksize or 512
+    va.va_atime = timespec_of(attr.atime, attr.atimensec)
+    va.va_mtime = timespec_of(attr.mtime, attr.mtimensec)
+    va.va_ctime = timespec_of(attr.ctime, attr.ctimensec)
     va.va_birthtime = Timespec(0, 0)
     va.va_gen = 0           # FUSE generations matter to NFS export only, which PUFFS lacks
     va.va_flags = 0
-    va.va_rdev = netbsd_rdev(rdev) if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else 0
-    va.va_bytes = min(blocks * 512, VNOVAL64 - 1)
+    va.va_rdev = netbsd_rdev(attr.rdev) if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else 0
+    va.va_bytes = min(attr.blocks * 512, VNOVAL64 - 1)
     va.va_filerev = VNOVAL64
     va.va_vaflags = 0
 
@@ -1171,24 +1390,9 @@ def _shared(value):
 
 
 def remember_attr(node, attr):
-    node.ino, node.size = attr[0], min(attr[1], OFFSET_MAX)
-    node.mode, node.uid, node.gid = _shared(attr[9]), _shared(attr[11]), _shared(attr[12])
-    node.nlinks = _shared(attr[10])
-
-
-class EntryReply:
-    """A decoded fuse_entry_out."""
-
-    __slots__ = ("nodeid", "generation", "entry_valid", "attr_valid",
-                 "entry_nsec", "attr_nsec", "attr")
-
-    def __init__(self, payload):
-        if len(payload) < ENTRY_OUT_SIZE:
-            raise FuseError(errno.EPROTO, "short entry reply")
-        fields = ENTRY_OUT.unpack_from(payload)
-        (self.nodeid, self.generation, self.entry_valid, self.attr_valid,
-         self.entry_nsec, self.attr_nsec) = fields[:6]
-        self.attr = fields[6:]
+    node.ino, node.size = attr.ino, min(attr.size, OFFSET_MAX)
+    node.mode, node.uid, node.gid = _shared(attr.mode), _shared(attr.uid), _shared(attr.gid)
+    node.nlinks = _shared(attr.nlink)
 
 
 def translate_error(exc):
@@ -1227,17 +1431,17 @@ def entry_reply_to_kernel(relay, req, entry, fresh=False):
     """Account a new-node reply and fill the kernel's newnode/vattr/ttls."""
     if entry.nodeid == 0:
         raise PuffsError(E.ENOENT)          # a negative (cacheable) entry
-    if stat.S_IFMT(entry.attr[9]) not in IFMT_TO_VTYPE:
+    if stat.S_IFMT(entry.attr.mode) not in IFMT_TO_VTYPE:
         # a node of no known type is "bad node type" to the kernel
-        relay.nodes.forgets.append((entry.nodeid, 1))
-        LOG.error("daemon gave node %#x the mode %#o", entry.nodeid, entry.attr[9])
+        relay.nodes.give_back(entry.nodeid)
+        LOG.error("daemon gave node %#x the mode %#o", entry.nodeid, entry.attr.mode)
         raise PuffsError(E.EIO)
     known = relay.nodes.current(entry.nodeid)
     if known is not None and known.is_dir and relay.nodes.is_within(req.node, known):
         # The directory itself, the root or another ancestor as a name in
         # it: a loop, which deadlocks the kernel (Linux refuses such an
         # alias with EIO).  Give the daemon its count back, fail the op.
-        relay.nodes.forgets.append((entry.nodeid, 1))
+        relay.nodes.give_back(entry.nodeid)
         LOG.error("daemon answered a name in %#x with its ancestor %#x", req.node.nodeid,
                   entry.nodeid)
         raise PuffsError(E.EIO)
@@ -1246,8 +1450,8 @@ def entry_reply_to_kernel(relay, req, entry, fresh=False):
     node = relay.nodes.account_entry(entry, req.node, fresh, name)
     msg.pvnr_newnode = node.cookie
     fill_vattr(msg.pvnr_va, entry.attr)
-    msg.pvnr_va_ttl = node_ttl(node, entry.attr_valid, entry.attr_nsec)
-    msg.pvnr_cn_ttl = node_ttl(node, entry.entry_valid, entry.entry_nsec)
+    msg.pvnr_va_ttl = node_ttl(node, entry.attr_valid, entry.attr_valid_nsec)
+    msg.pvnr_cn_ttl = node_ttl(node, entry.entry_valid, entry.entry_valid_nsec)
     relay.nodes.kernel_took(node)
     return node
 
@@ -1255,7 +1459,7 @@ def entry_reply_to_kernel(relay, req, entry, fresh=False):
 def op_lookup(relay, req):
     msg = req.msg
     name = kcn_name(msg.pvnr_cn, relay)
-    if not relay.access_via_daemon:
+    if not relay.session.access_via_daemon:
         check_access(req.node, msg.pvnr_cn_cred, VEXEC)
         if (msg.pvnr_cn.pkcn_nameiop != NAMEI_LOOKUP
                 and msg.pvnr_cn.pkcn_flags & ISLASTCN):
@@ -1264,9 +1468,8 @@ def op_lookup(relay, req):
         yield from lookup_parent(relay, req)
         return None
     payload = yield FuseRequest(F.LOOKUP, req.node.nodeid, (name, b"\0"),
-                                req.cred(msg.pvnr_cn_cred), ENTRY_OUT_SIZE)
-    entry = EntryReply(payload)
-    entry_reply_to_kernel(relay, req, entry)
+                                req.cred(msg.pvnr_cn_cred), ENTRY_OUT.size)
+    entry_reply_to_kernel(relay, req, ENTRY_OUT.unpack_from(payload))
     msg.pvnr_vtype = msg.pvnr_va.va_type
     msg.pvnr_size = msg.pvnr_va.va_size
     msg.pvnr_rdev = msg.pvnr_va.va_rdev
@@ -1291,9 +1494,10 @@ def lookup_parent(relay, req):
 
 
 def _make_node(relay, req, opcode, parts):
+    """MKNOD, MKDIR, SYMLINK: a new node given to the kernel."""
     payload = yield FuseRequest(opcode, req.node.nodeid, parts,
-                                req.cred(req.msg.pvnr_cn_cred), ENTRY_OUT_SIZE)
-    return EntryReply(payload), payload
+                                req.cred(req.msg.pvnr_cn_cred), ENTRY_OUT.size)
+    entry_reply_to_kernel(relay, req, ENTRY_OUT.unpack_from(payload), fresh=True)
 
 
 def op_create(relay, req):
@@ -1303,26 +1507,18 @@ def op_create(relay, req):
     flags = os.O_CREAT | os.O_RDWR
     if msg.pvnr_va.va_vaflags & VA_EXCLUSIVE:
         flags |= os.O_EXCL
-    if not relay.no_create:
-        try:
-            entry, payload = yield from _make_node(
-                relay, req, F.CREATE, (CREATE_IN.pack(flags, mode, 0, 0), name, b"\0"))
-        except FuseError as e:
-            if e.errno != errno.ENOSYS:
-                raise
-            relay.no_create = True
-            LOG.info("daemon has no CREATE: using MKNOD and OPEN")
-        else:
-            if len(payload) < ENTRY_OUT_SIZE + OPEN_OUT.size:
-                raise FuseError(errno.EPROTO, "short CREATE reply")
-            fh, open_flags, _ = OPEN_OUT.unpack_from(payload, ENTRY_OUT_SIZE)
-            node = entry_reply_to_kernel(relay, req, entry, fresh=True)
-            relay.nodes.adopt_handle(node, fh, FREAD | FWRITE)
-            opened(node, open_flags)
-            return None
-    entry, _ = yield from _make_node(
-        relay, req, F.MKNOD, (MKNOD_IN.pack(mode, 0, 0, 0), name, b"\0"))
-    entry_reply_to_kernel(relay, req, entry, fresh=True)
+    payload = LACKING
+    if relay.session.use_create:
+        payload = yield from unless_lacking(relay, FuseRequest(
+            F.CREATE, req.node.nodeid, (CREATE_IN.pack(flags, mode, 0, 0), name, b"\0"),
+            req.cred(msg.pvnr_cn_cred), ENTRY_OUT.size + OPEN_OUT.size))
+    if payload is LACKING:      # the kernel opens it afterwards: MKNOD will do
+        yield from _make_node(relay, req, F.MKNOD, (MKNOD_IN.pack(mode, 0, 0, 0), name, b"\0"))
+        return None
+    node = entry_reply_to_kernel(relay, req, ENTRY_OUT.unpack_from(payload), fresh=True)
+    handle = OPEN_OUT.unpack_from(payload, ENTRY_OUT.size)
+    relay.nodes.adopt_handle(node, handle.fh, FREAD | FWRITE)
+    opened(node, handle.open_flags)
     return None
 
 
@@ -1331,35 +1527,30 @@ def op_mknod(relay, req):
     va = msg.pvnr_va
     mode = (va.va_mode & 0o7777) | VTYPE_TO_IFMT.get(va.va_type, stat.S_IFREG)
     rdev = fuse_rdev(va.va_rdev) if va.va_type in (VCHR, VBLK) and va.va_rdev != VNOVAL64 else 0
-    entry, _ = yield from _make_node(
-        relay, req, F.MKNOD, (MKNOD_IN.pack(mode, rdev & 0xFFFFFFFF, 0, 0),
-                              kcn_name(msg.pvnr_cn, relay), b"\0"))
-    entry_reply_to_kernel(relay, req, entry, fresh=True)
+    yield from _make_node(relay, req, F.MKNOD, (MKNOD_IN.pack(mode, rdev & 0xFFFFFFFF, 0, 0),
+                                                kcn_name(msg.pvnr_cn, relay), b"\0"))
 
 
 def op_mkdir(relay, req):
     msg = req.msg
-    entry, _ = yield from _make_node(
-        relay, req, F.MKDIR, (MKDIR_IN.pack(msg.pvnr_va.va_mode & 0o7777, 0),
-                              kcn_name(msg.pvnr_cn, relay), b"\0"))
-    entry_reply_to_kernel(relay, req, entry, fresh=True)
+    yield from _make_node(relay, req, F.MKDIR, (MKDIR_IN.pack(msg.pvnr_va.va_mode & 0o7777, 0),
+                                                kcn_name(msg.pvnr_cn, relay), b"\0"))
 
 
 def op_symlink(relay, req):
     msg = req.msg
     target = bytes(msg.pvnr_link)           # c_char array stops at the NUL
-    entry, _ = yield from _make_node(
-        relay, req, F.SYMLINK, (kcn_name(msg.pvnr_cn, relay), b"\0", target, b"\0"))
-    entry_reply_to_kernel(relay, req, entry, fresh=True)
+    yield from _make_node(relay, req, F.SYMLINK,
+                          (kcn_name(msg.pvnr_cn, relay), b"\0", target, b"\0"))
 
 
 def op_link(relay, req):
     msg = req.msg
-    target = relay.node_of(msg.pvnr_cookie_targ)
+    target = relay.nodes.of(msg.pvnr_cookie_targ)
     payload = yield FuseRequest(F.LINK, req.node.nodeid,
                                 (LINK_IN.pack(target.nodeid), kcn_name(msg.pvnr_cn, relay), b"\0"),
-                                req.cred(msg.pvnr_cn_cred), ENTRY_OUT_SIZE)
-    entry = EntryReply(payload)
+                                req.cred(msg.pvnr_cn_cred), ENTRY_OUT.size)
+    entry = ENTRY_OUT.unpack_from(payload)
     if entry.nodeid:
         # the daemon counts it: so do we; the kernel keeps its own vnode
         relay.nodes.unheld(relay.nodes.account_entry(entry, None))
@@ -1384,7 +1575,7 @@ def _remove(opcode):
 
 def op_rename(relay, req):
     msg = req.msg
-    newdir = relay.node_of(msg.pvnr_cookie_targdir)
+    newdir = relay.nodes.of(msg.pvnr_cookie_targdir)
     moved = relay.nodes.get(msg.pvnr_cookie_src)
     if moved is not None and moved.is_dir and relay.nodes.is_within(newdir, moved):
         # A directory into itself: Linux refuses it before asking the daemon
@@ -1411,21 +1602,21 @@ def _getattr(relay, req, node, cred):
     return ATTR_OUT.unpack_from(payload)
 
 
-def _attr_reply(req, node, fields):
-    attr_valid, attr_nsec, _ = fields[:3]
-    attr = fields[3:]
-    if stat.S_IFMT(attr[9]) != stat.S_IFMT(node.mode) and node.mode:
+def _attr_reply(req, node, reply):
+    """An AttrOut record into the kernel's vattr and TTL."""
+    attr = reply.attr
+    if stat.S_IFMT(attr.mode) != stat.S_IFMT(node.mode) and node.mode:
         # a vnode's type never changes: the kernel cannot take another
         raise FuseError(errno.EIO, "attributes of node %#x give it another type (%#o)"
-                        % (node.nodeid, attr[9]))
+                        % (node.nodeid, attr.mode))
     remember_attr(node, attr)
     fill_vattr(req.msg.pvnr_va, attr)
-    req.msg.pvnr_va_ttl = node_ttl(node, attr_valid, attr_nsec)
+    req.msg.pvnr_va_ttl = node_ttl(node, reply.attr_valid, reply.attr_valid_nsec)
 
 
 def op_getattr(relay, req):
-    fields = yield from _getattr(relay, req, req.node, req.cred(req.msg.pvnr_cred))
-    _attr_reply(req, req.node, fields)
+    reply = yield from _getattr(relay, req, req.node, req.cred(req.msg.pvnr_cred))
+    _attr_reply(req, req.node, reply)
 
 
 def op_setattr(relay, req):
@@ -1447,11 +1638,11 @@ def op_setattr(relay, req):
         # Daemons (libfuse2's high level, sshfs) mishandle a SETATTR with one
         # time alone: send both, the omitted one as it is now.
         if not (atime_set and mtime_set):
-            now = (yield from _getattr(relay, req, node, req.cred(req.msg.pvnr_cred)))[3:]
+            now = (yield from _getattr(relay, req, node, req.cred(req.msg.pvnr_cred))).attr
         atime, atimens = (va.va_atime.tv_sec, va.va_atime.tv_nsec) if atime_set \
-            else (now[3], now[6])
+            else (now.atime, now.atimensec)
         mtime, mtimens = (va.va_mtime.tv_sec, va.va_mtime.tv_nsec) if mtime_set \
-            else (now[4], now[7])
+            else (now.mtime, now.mtimensec)
         valid |= FATTR_ATIME | FATTR_MTIME
         if va.va_vaflags & VA_UTIMES_NULL:
             # utimes(NULL): the daemon's clock, with the kernel's as the values
@@ -1462,8 +1653,8 @@ def op_setattr(relay, req):
             return None
         # Nothing to change (NOFLUSH_META flushes), but the kernel takes the
         # reply's vattr as the truth: answer with fresh attributes.
-        fields = yield from _getattr(relay, req, node, cred)
-        _attr_reply(req, node, fields)
+        reply = yield from _getattr(relay, req, node, cred)
+        _attr_reply(req, node, reply)
         return None
     if valid & FATTR_SIZE and size < node.size and not node.is_dir and not req.faf:
         # truncate(2) leaves the old bytes in the cached last page (with no
@@ -1478,29 +1669,23 @@ def op_setattr(relay, req):
                            atimens, mtimens, 0, mode, 0, uid, gid, 0)
     with relay.nodes.in_use(node):
         payload = yield FuseRequest(F.SETATTR, node.nodeid, (body,), cred, ATTR_OUT.size)
-    fields = ATTR_OUT.unpack_from(payload)
+    reply = ATTR_OUT.unpack_from(payload)
     if not req.faf:
-        _attr_reply(req, node, fields)
+        _attr_reply(req, node, reply)
     else:
-        remember_attr(node, fields[3:])
+        remember_attr(node, reply.attr)
 
 
 def op_access(relay, req):
     node, mode = req.node, req.msg.pvnr_mode
-    if relay.access_via_daemon and not relay.lacks("ACCESS"):
-        mask = 0
+    if relay.session.access_via_daemon:
         bits = mode >> 6 if mode & 0o700 else mode
-        mask |= os.R_OK if bits & VREAD else 0
-        mask |= os.W_OK if bits & VWRITE else 0
-        mask |= os.X_OK if bits & VEXEC else 0
-        try:
-            yield FuseRequest(F.ACCESS, node.nodeid, (ACCESS_IN.pack(mask, 0),),
-                              req.cred(req.msg.pvnr_cred))
+        mask = ((os.R_OK if bits & VREAD else 0) | (os.W_OK if bits & VWRITE else 0)
+                | (os.X_OK if bits & VEXEC else 0))
+        reply = yield from unless_lacking(relay, FuseRequest(
+            F.ACCESS, node.nodeid, (ACCESS_IN.pack(mask, 0),), req.cred(req.msg.pvnr_cred)))
+        if reply is not LACKING:
             return None
-        except FuseError as e:
-            if e.errno != errno.ENOSYS:
-                raise
-            relay.mark_lacking("ACCESS")
     check_access(node, req.msg.pvnr_cred, mode)
 
 
@@ -1510,24 +1695,17 @@ def _open(relay, node, mode, cred):
     """Open a FUSE handle for mode (FREAD/FWRITE bits) and record it;
     returns the daemon's open_flags."""
     opcode = F.OPENDIR if node.is_dir else F.OPEN
-    if relay.lacks(FUSE_OPNAMES[opcode]):
-        relay.nodes.adopt_handle(node, 0, mode)
-        return 0
     flags = host_open_flags(mode) if not node.is_dir else os.O_RDONLY
-    try:
-        payload = yield FuseRequest(opcode, node.nodeid, (OPEN_IN.pack(flags, 0),),
-                                    cred, OPEN_OUT.size)
-    except FuseError as e:
-        if e.errno != errno.ENOSYS:
-            raise
-        relay.mark_lacking(FUSE_OPNAMES[opcode])   # stateless daemon: fh 0
+    payload = yield from unless_lacking(relay, FuseRequest(
+        opcode, node.nodeid, (OPEN_IN.pack(flags, 0),), cred, OPEN_OUT.size))
+    if payload is LACKING:          # a stateless daemon: fh 0, as Linux does
         relay.nodes.adopt_handle(node, 0, mode)
         return 0
-    fh, open_flags, _ = OPEN_OUT.unpack_from(payload)
+    handle = OPEN_OUT.unpack_from(payload)
     if relay.debug.fh:
-        LOG.debug("  fh %#x for node %#x mode %#x", fh, node.nodeid, mode)
-    relay.nodes.adopt_handle(node, fh, mode)
-    return open_flags
+        LOG.debug("  fh %#x for node %#x mode %#x", handle.fh, node.nodeid, mode)
+    relay.nodes.adopt_handle(node, handle.fh, mode)
+    return handle.open_flags
 
 
 def opened(node, open_flags):
@@ -1586,11 +1764,11 @@ def op_close(relay, req):
     INACTIVE, when the kernel drops its last reference."""
     node = req.node
     fh = node.wfh if req.msg.pvnr_fflag & FWRITE else node.rfh
-    if fh is None or node.is_dir or relay.lacks("FLUSH"):
+    if fh is None or node.is_dir or relay.session.lacks(F.FLUSH):
         return
     relay.send_detached(FuseRequest(F.FLUSH, node.nodeid,
                                     (FLUSH_IN.pack(fh, 0, 0, req.hdr.preq_pid),),
-                                    req.cred(req.msg.pvnr_cred)), "FLUSH", node)
+                                    req.cred(req.msg.pvnr_cred)), node)
 
 
 def op_inactive(relay, req):
@@ -1615,22 +1793,25 @@ def op_read(relay, req):
     if node.is_dir:
         raise PuffsError(E.EISDIR)
     offset, resid = msg.pvnr_offset, msg.pvnr_resid
+    # The kernel sizes the message sizeof(struct puffs_vnmsg_rw) + resid:
+    # pvnr_data starts inside the struct's tail padding, where there is some.
     data_off = MsgRw.pvnr_data.offset
-    if data_off + resid + 4 > len(req.reply):
+    if c.sizeof(MsgRw) + resid > len(req.reply):
         raise PuffsError(E.EINVAL, "READ resid beyond its buffer")
+    max_read = relay.session.max_read
     # At or past the known end of file: 0 bytes without asking (some
     # daemons say EIO there).  Otherwise ask for what the known size
     # covers, at least one chunk (the file may have grown), in chunks the
     # daemon takes, all in flight at once.
-    want = min(resid, max(node.size - offset, relay.max_read)) if offset < node.size else 0
+    want = min(resid, max(node.size - offset, max_read)) if offset < node.size else 0
     done = 0
     with relay.nodes.in_use(node):
         if want:
             node.flags |= PAGES_READ
             fh = yield from handle_for(relay, req, node, FREAD)
             cred = req.cred(msg.pvnr_cred)
-            chunks = [(offset + pos, min(relay.max_read, want - pos))
-                      for pos in range(0, want, relay.max_read)]
+            chunks = [(offset + pos, min(max_read, want - pos))
+                      for pos in range(0, want, max_read)]
             results = yield Gather([FuseRequest(F.READ, node.nodeid,
                                                 (READ_IN.pack(fh, off, size, 0, 0, 0, 0),), cred)
                                     for off, size in chunks])
@@ -1647,7 +1828,7 @@ def op_read(relay, req):
                 if n < size:
                     break
     msg.pvnr_resid = resid - done
-    return data_off + done + 4 if done else c.sizeof(MsgRw)
+    return c.sizeof(MsgRw) + done
 
 
 def op_write(relay, req):
@@ -1661,9 +1842,8 @@ def op_write(relay, req):
         if resid:
             node.flags |= PAGES_READ
             fh = yield from handle_for(relay, req, node, FWRITE)
-            cred = req.cred(msg.pvnr_cred)
-            chunks = [(pos, min(relay.max_write, resid - pos))
-                      for pos in range(0, resid, relay.max_write)]
+            cred, max_write = req.cred(msg.pvnr_cred), relay.session.max_write
+            chunks = [(pos, min(max_write, resid - pos)) for pos in range(0, resid, max_write)]
             results = yield Gather([FuseRequest(
                 F.WRITE, node.nodeid, (WRITE_IN.pack(fh, offset + pos, size, 0, 0, 0, 0),
                                        data[pos:pos + size]), cred, WRITE_OUT.size)
@@ -1671,7 +1851,7 @@ def op_write(relay, req):
             for (pos, size), got in zip(chunks, results):
                 if isinstance(got, FuseError):
                     raise got
-                n = WRITE_OUT.unpack_from(got)[0]
+                n = WRITE_OUT.unpack_from(got).size
                 done += min(n, size)
                 node.size = max(node.size, offset + done)
                 if n != size:
@@ -1684,19 +1864,15 @@ def op_fsync(relay, req):
     node = req.node
     opcode = F.FSYNCDIR if node.is_dir else F.FSYNC
     fh = node.wfh if node.wfh is not None else node.rfh
-    if fh is None or relay.lacks(FUSE_OPNAMES[opcode]):
-        return None
+    if fh is None:
+        return
     flags = FUSE_FSYNC_FDATASYNC if req.msg.pvnr_flags & FSYNC_DATAONLY else 0
     if relay.debug.sync:
         LOG.debug("  fsync node %#x flags %#x", node.nodeid, req.msg.pvnr_flags)
     with relay.nodes.in_use(node):
-        try:
-            yield FuseRequest(opcode, node.nodeid, (FSYNC_IN.pack(fh, flags, 0),),
-                              req.cred(req.msg.pvnr_cred))
-        except FuseError as e:
-            if e.errno != errno.ENOSYS:
-                raise
-            relay.mark_lacking(FUSE_OPNAMES[opcode])   # nothing to sync: success
+        # a daemon without FSYNC has nothing to sync: success, as on Linux
+        yield from unless_lacking(relay, FuseRequest(
+            opcode, node.nodeid, (FSYNC_IN.pack(fh, flags, 0),), req.cred(req.msg.pvnr_cred)))
 
 
 def op_seek(relay, req):
@@ -1726,7 +1902,8 @@ def op_readdir(relay, req):
     out = []                     # converted NetBSD dirents
     produced = 0
     eof = False
-    plus = relay.readdirplus_only
+    session = relay.session
+    plus = session.lacks(F.READDIR)
     if offset == 0 and node.flags & LISTED and not node.busy:
         # A listing starts again: daemons such as sshfs cannot rewind a
         # directory handle, so open a new one.
@@ -1737,63 +1914,21 @@ def op_readdir(relay, req):
         fh = node.rfh
     node.flags |= LISTED
     while resid >= nb_dirent_reclen(1) and not eof:
-        size = min(relay.max_read, max(4096, int(resid * relay.readdir_ratio) + 1024))
-        opcode = F.READDIRPLUS if plus else F.READDIR
-        try:
-            payload = yield FuseRequest(opcode, node.nodeid,
-                                        (READ_IN.pack(fh, offset & VNOVAL64, size, 0, 0, 0, 0),),
-                                        req.cred(msg.pvnr_cred))
-        except FuseError as e:
-            if e.errno != errno.ENOSYS or plus or not relay.daemon_readdirplus:
-                raise
-            LOG.info("daemon answers READDIR with ENOSYS: using READDIRPLUS")
-            relay.readdirplus_only = plus = True
+        size = min(session.max_read, max(4096, int(resid * session.readdir_ratio) + 1024))
+        payload = yield from unless_lacking(relay, FuseRequest(
+            F.READDIRPLUS if plus else F.READDIR, node.nodeid,
+            (READ_IN.pack(fh, offset & VNOVAL64, size, 0, 0, 0, 0),), req.cred(msg.pvnr_cred)))
+        if payload is LACKING:
+            if plus or not session.init_flags & FUSE_DO_READDIRPLUS:
+                raise FuseError(errno.ENOSYS)
+            plus = True         # a daemon that only lists with READDIRPLUS
             continue
         if not payload:
             eof = True
             break
-        data = bytes(payload)            # one copy: slices of bytes are cheap
-        pos, full, whole, used, made = 0, False, 0, 0, 0
-        lead = ENTRY_OUT_SIZE if plus else 0
-        end = len(data)
-        unpack_dirent, pack_dirent = DIRENT.unpack_from, NB_DIRENT.pack
-        while pos + lead + DIRENT.size <= end:
-            ino, next_off, namelen, dtype = unpack_dirent(data, pos + lead)
-            start = pos + lead + DIRENT.size
-            if start + namelen > end:
-                # libfuse2 cuts its directory buffer anywhere: like Linux,
-                # stop at a partial entry and resume from the last whole one
-                break
-            name = data[start:start + namelen]
-            if plus:
-                entry = EntryReply(data[pos:pos + ENTRY_OUT_SIZE])
-                if entry.nodeid and name not in (b".", b".."):
-                    relay.nodes.unheld(relay.nodes.account_entry(entry, node, name=name))
-            pos = start + ((namelen + 7) & ~7)
-            whole += 1
-            if full:
-                continue
-            if not namelen or namelen > NB_MAXNAMLEN or b"/" in name or b"\0" in name:
-                LOG.warning("readdir: refusing name %r from the daemon", name)
-                offset = next_off
-                continue
-            reclen = nb_dirent_reclen(namelen)
-            if reclen > resid:
-                full = True
-                continue
-            if node.names:
-                ino = relay.nodes.dirent_ino(node, name, ino)
-            out.append(pack_dirent(ino or 0xFFFFFFFF, reclen, namelen, dtype & 0xFF) + name
-                       + NB_DIRENT_PAD[reclen - NB_DIRENT.size - namelen])
-            resid -= reclen
-            made += reclen
-            used = pos
-            offset = next_off
-        if not whole:
-            raise FuseError(errno.EPROTO, "READDIR reply of %d bytes holds no whole entry" % end)
-        if made:
-            relay.readdir_ratio = used / made
-            produced += made
+        resid, offset, made, full = convert_listing(relay, node, bytes(payload), plus, resid,
+                                                    offset, out)
+        produced += made
         if full:
             break
     if relay.debug.readdir:
@@ -1807,11 +1942,61 @@ def op_readdir(relay, req):
     return base + produced
 
 
+def convert_listing(relay, node, data, plus, resid, offset, out):
+    """One READDIR(PLUS) reply into NetBSD dirents appended to `out`, as
+    many as `resid` bytes take.  Returns (resid, offset, bytes made, full)
+    with offset the FUSE offset of the next entry not converted."""
+    pos, full, whole, used, made = 0, False, 0, 0, 0
+    lead = ENTRY_OUT.size if plus else 0
+    end = len(data)
+    unpack_dirent, pack_dirent = DIRENT.struct.unpack_from, NB_DIRENT.pack   # tuples: fast
+    while pos + lead + DIRENT.size <= end:
+        ino, next_off, namelen, dtype = unpack_dirent(data, pos + lead)
+        start = pos + lead + DIRENT.size
+        if start + namelen > end:
+            # libfuse2 cuts its directory buffer anywhere: like Linux, stop
+            # at a partial entry and resume from the last whole one
+            break
+        name = data[start:start + namelen]
+        if plus:
+            entry = ENTRY_OUT.unpack_from(data, pos)
+            if entry.nodeid and name not in (b".", b".."):
+                relay.nodes.unheld(relay.nodes.account_entry(entry, node, name=name))
+        pos = start + ((namelen + 7) & ~7)
+        whole += 1
+        if full:
+            continue
+        if not namelen or namelen > NB_MAXNAMLEN or b"/" in name or b"\0" in name:
+            if not node.flags & NAMES_REFUSED:      # once per directory, not per entry
+                node.flags |= NAMES_REFUSED
+                LOG.warning("readdir of node %#x: refusing names such as %r", node.nodeid,
+                            name[:NB_MAXNAMLEN + 1])
+            offset = next_off
+            continue
+        reclen = nb_dirent_reclen(namelen)
+        if reclen > resid:
+            full = True
+            continue
+        if node.names:
+            ino = relay.nodes.dirent_ino(node, name, ino)
+        out.append(pack_dirent(ino or NB_NO_FILENO, reclen, namelen, dtype & 0xFF) + name
+                   + NB_DIRENT_PAD[reclen - NB_DIRENT.size - namelen])
+        resid -= reclen
+        made += reclen
+        used = pos
+        offset = next_off
+    if not whole:
+        raise FuseError(errno.EPROTO, "READDIR reply of %d bytes holds no whole entry" % end)
+    if made:
+        relay.session.saw_listing(used, made)
+    return resid, offset, made, full
+
+
 def op_readlink(relay, req):
     msg = req.msg
     payload = yield FuseRequest(F.READLINK, req.node.nodeid, (), req.cred(msg.pvnr_cred))
     link = bytes(payload).rstrip(b"\0")
-    if len(link) > min(msg.pvnr_linklen, 1024):
+    if len(link) > min(msg.pvnr_linklen, NB_MAXPATHLEN):
         raise PuffsError(E.ENAMETOOLONG)
     msg.pvnr_link = link
     msg.pvnr_linklen = len(link)
@@ -1820,26 +2005,27 @@ def op_readlink(relay, req):
 # --- file system ------------------------------------------------------------
 
 def op_statvfs(relay, req):
-    fill_statvfs(req.msg.pvfsr_sb, (yield from _statfs(relay)), relay)
+    fill_statvfs(req.msg.pvfsr_sb, (yield from _statfs(relay)), relay.session)
 
 
 def _statfs(relay):
     payload = yield FuseRequest(F.STATFS, FUSE_ROOT_ID, (), (0, 0, 0), STATFS_OUT.size)
-    return STATFS_OUT.unpack_from(payload)
+    statfs = STATFS_OUT.unpack_from(payload)
+    relay.session.saw_statfs(statfs)
+    return statfs
 
 
-def fill_statvfs(sb, st, relay):
-    blocks, bfree, bavail, files, ffree, bsize, namelen, frsize = st[:8]
-    relay.namemax = namelen or relay.namemax
-    sb.f_flag = relay.mount_flags
-    sb.f_bsize = bsize or 512
-    sb.f_frsize = frsize or bsize or 512
+def fill_statvfs(sb, st, session):
+    """A FUSE Kstatfs record -> NetBSD struct statvfs."""
+    sb.f_flag = session.mount_flags
+    sb.f_bsize = st.bsize or 512
+    sb.f_frsize = st.frsize or st.bsize or 512
     sb.f_iosize = sb.f_bsize
-    sb.f_blocks, sb.f_bfree, sb.f_bavail = blocks, bfree, bavail
-    sb.f_bresvd = max(0, bfree - bavail)
-    sb.f_files, sb.f_ffree, sb.f_favail, sb.f_fresvd = files, ffree, ffree, 0
-    sb.f_namemax = namelen or 255
-    sb.f_owner = relay.owner_uid
+    sb.f_blocks, sb.f_bfree, sb.f_bavail = st.blocks, st.bfree, st.bavail
+    sb.f_bresvd = max(0, st.bfree - st.bavail)
+    sb.f_files, sb.f_ffree, sb.f_favail, sb.f_fresvd = st.files, st.ffree, st.ffree, 0
+    sb.f_namemax = st.namelen or NB_MAXNAMLEN
+    sb.f_owner = session.owner_uid
 
 
 def op_sync(relay, req):
@@ -1850,8 +2036,7 @@ def op_sync(relay, req):
 
 
 def op_unmount(relay, req):
-    relay.flush_forgets()       # the last ones, before DESTROY: none after it
-    relay.unmounting = True     # the kernel is unmounting: never ask it to
+    relay.unmount_begins()
     if not relay.daemon_gone:
         try:
             yield FuseRequest(F.DESTROY, FUSE_ROOT_ID, ())
@@ -1872,12 +2057,12 @@ PATHCONF_VALUES = {
 def op_pathconf(relay, req):
     name = req.msg.pvnr_name
     if name == PATHCONF_NAMES["_PC_NAME_MAX"]:
-        if relay.namemax is None:
+        if relay.session.namemax is None:
             try:
-                relay.namemax = (yield from _statfs(relay))[6] or 255
+                yield from _statfs(relay)
             except FuseError:
-                relay.namemax = 255
-        req.msg.pvnr_retval = relay.namemax
+                pass
+        req.msg.pvnr_retval = relay.session.namemax or NB_MAXNAMLEN
     elif name in PATHCONF_VALUES:
         req.msg.pvnr_retval = PATHCONF_VALUES[name]
     else:
@@ -1891,7 +2076,12 @@ def op_advlock(relay, req):
     fl, op, flags = msg.pvnr_fl, msg.pvnr_op, msg.pvnr_flags
     fh = node.rfh if node.rfh is not None else node.wfh
     if fh is None:
-        raise PuffsError(E.EBADF)
+        # The handles went at INACTIVE while the kernel still locks through
+        # a cached vnode: nothing is locked without a handle, so an unlock
+        # is done; a lock opens one, as page-cache I/O does.
+        if op == NB_F_UNLCK or fl.l_type == NB_F_UNLCK:
+            return
+        fh = yield from handle_for(relay, req, node, FREAD)
     if op == NB_F_UNLCK:
         ltype = NB_F_UNLCK
     elif fl.l_type in LOCK_TYPE_TO_HOST:
@@ -1910,7 +2100,7 @@ def op_advlock(relay, req):
     lk_flags = 0
     if flags & NB_F_FLOCK:
         owner = msg.pvnr_id
-        if relay.init_flags & FUSE_FLOCK_LOCKS:
+        if relay.session.init_flags & FUSE_FLOCK_LOCKS:
             lk_flags = FUSE_LK_FLOCK
     else:
         owner = req.hdr.preq_pid   # POSIX locks belong to the process
@@ -1924,15 +2114,15 @@ def op_advlock(relay, req):
         payload = yield FuseRequest(opcode, node.nodeid, (body,), req.cred(),
                                     LK_OUT.size if opcode == F.GETLK else 0)
     except FuseError as e:
-        if e.errno == errno.ENOSYS:
-            raise PuffsError(E.EOPNOTSUPP)
-        raise
+        # Not remembered as lacking: flock(2) and fcntl(2) locks share the
+        # opcodes, and a daemon may implement one kind only.
+        raise PuffsError(E.EOPNOTSUPP) if e.errno == errno.ENOSYS else e
     if opcode == F.GETLK:
-        lstart, lend, ltype_host, lpid = LK_OUT.unpack_from(payload)
-        fl.l_type = LOCK_TYPE_TO_NETBSD.get(ltype_host, NB_F_UNLCK)
+        lock = LK_OUT.unpack_from(payload)
+        fl.l_type = LOCK_TYPE_TO_NETBSD.get(lock.type, NB_F_UNLCK)
         if fl.l_type != NB_F_UNLCK:
-            fl.l_start, fl.l_whence, fl.l_pid = lstart, SEEK_SET, lpid
-            fl.l_len = 0 if lend >= OFFSET_MAX else lend - lstart + 1
+            fl.l_start, fl.l_whence, fl.l_pid = lock.start, SEEK_SET, lock.pid
+            fl.l_len = 0 if lock.end >= OFFSET_MAX else lock.end - lock.start + 1
 
 
 # --- extended attributes ----------------------------------------------------------
@@ -1947,20 +2137,18 @@ def xattr_name(ns, name):
 
 
 def _xattr_op(relay, req, opcode, parts, min_reply=0):
-    if relay.lacks("XATTR"):
-        raise PuffsError(E.EOPNOTSUPP)
     try:
-        return (yield FuseRequest(opcode, req.node.nodeid, parts,
-                                  req.cred(req.msg.pvnr_cred), min_reply))
+        payload = yield from unless_lacking(relay, FuseRequest(
+            opcode, req.node.nodeid, parts, req.cred(req.msg.pvnr_cred), min_reply))
     except FuseError as e:
-        if e.errno == errno.ENOSYS:
-            relay.mark_lacking("XATTR")
-            raise PuffsError(E.EOPNOTSUPP)
         if e.errno == getattr(errno, "ENODATA", None) and not linux_xattr_call(req):
             # extattr_*(2) callers expect ENOATTR; the Linux-style
             # getxattr(2) path (full "user." names) probes for ENODATA
             raise PuffsError(E.ENOATTR)
         raise
+    if payload is LACKING:
+        raise PuffsError(E.EOPNOTSUPP)
+    return payload
 
 
 def linux_xattr_call(req):
@@ -1989,7 +2177,7 @@ def op_getextattr(relay, req):
     payload = yield from _xattr_op(relay, req, F.GETXATTR,
                                    (XATTR_SIZE.pack(resid, 0), name, b"\0"))
     if resid == 0:
-        msg.pvnr_datasize = XATTR_SIZE.unpack_from(payload)[0]
+        msg.pvnr_datasize = XATTR_SIZE.unpack_from(payload).size
         return None
     n = len(payload)
     req.reply[base:base + n] = payload
@@ -2017,7 +2205,7 @@ def op_listextattr(relay, req):
     ns = msg.pvnr_attrnamespace
     sized = yield from _xattr_op(relay, req, F.LISTXATTR, (XATTR_SIZE.pack(0, 0),),
                                  XATTR_SIZE.size)
-    size = XATTR_SIZE.unpack_from(sized)[0]
+    size = XATTR_SIZE.unpack_from(sized).size
     raw = b""
     if size:
         raw = bytes((yield from _xattr_op(relay, req, F.LISTXATTR,
@@ -2057,17 +2245,14 @@ def op_deleteextattr(relay, req):
 
 def op_fallocate(relay, req):
     node = req.node
-    if relay.lacks("FALLOCATE"):
+    if relay.session.lacks(F.FALLOCATE):
         raise PuffsError(E.EOPNOTSUPP)
     fh = yield from handle_for(relay, req, node, FWRITE)
     with relay.nodes.in_use(node):
-        try:
-            yield FuseRequest(F.FALLOCATE, node.nodeid, (FALLOCATE_IN.pack(
-                fh, req.msg.pvnr_off, req.msg.pvnr_len, 0, 0),), req.cred())
-        except FuseError as e:
-            if e.errno in (errno.ENOSYS, errno.EOPNOTSUPP):
-                relay.mark_lacking("FALLOCATE")
-            raise PuffsError(E.EOPNOTSUPP) if e.errno == errno.ENOSYS else e
+        reply = yield from unless_lacking(relay, FuseRequest(F.FALLOCATE, node.nodeid, (
+            FALLOCATE_IN.pack(fh, req.msg.pvnr_off, req.msg.pvnr_len, 0, 0),), req.cred()))
+    if reply is LACKING:
+        raise PuffsError(E.EOPNOTSUPP)
     node.size = max(node.size, req.msg.pvnr_off + req.msg.pvnr_len)
 
 
@@ -2075,19 +2260,13 @@ def op_poll(relay, req):
     node = req.node
     fh = node.rfh if node.rfh is not None else node.wfh
     events = req.msg.pvnr_events
-    ready = events & 0x47   # POLLIN|POLLPRI|POLLOUT|POLLRDNORM: a file is ready
-    if fh is None or relay.lacks("POLL"):
+    ready = events & NB_POLL_FILE_READY
+    if fh is None:
         req.msg.pvnr_events = ready
         return
-    try:
-        payload = yield FuseRequest(F.POLL, node.nodeid, (POLL_IN.pack(fh, 0, 0, events),),
-                                    req.cred(), POLL_OUT.size)
-        req.msg.pvnr_events = POLL_OUT.unpack_from(payload)[0]
-    except FuseError as e:
-        if e.errno != errno.ENOSYS:
-            raise
-        relay.mark_lacking("POLL")
-        req.msg.pvnr_events = ready
+    payload = yield from unless_lacking(relay, FuseRequest(
+        F.POLL, node.nodeid, (POLL_IN.pack(fh, 0, 0, events),), req.cred(), POLL_OUT.size))
+    req.msg.pvnr_events = ready if payload is LACKING else POLL_OUT.unpack_from(payload).revents
 
 
 class Op:
@@ -2150,111 +2329,88 @@ OPS.update({(VFS, PUFFS_VFS[name]): Op("VFS_" + name, layout, run, False)
 DEFAULT_VNOPS = {name for (cls, _), op in OPS.items() if cls == VN
                  for name in [op.name]} - {"LOOKUP", "POLL"}
 # ---------------------------------------------------------------------------
-# 7. Relay loop
+# 8. Relay
 # ---------------------------------------------------------------------------
+
+UNMOUNT_PATIENCE = 30       # seconds the kernel gets to unmount after the daemon died
+FRAMES_PER_WAKEUP = 64      # kernel frames, then FUSE replies, served in turn
+REPLIES_PER_WAKEUP = 256
+FORGETS_PER_BATCH = 4096
+MAX_ERRNO = 4095            # a FUSE error is -1 .. -4095
+
 
 class InFlight:
     """A FUSE request awaiting its reply: the translator to resume, or a
     detached request whose reply is only logged, or one member of a Gather."""
 
-    __slots__ = ("gen", "req", "fuse", "detached", "gather", "index", "node")
+    __slots__ = ("gen", "req", "fuse", "gather", "index", "node")
 
-    def __init__(self, gen, req, fuse, detached=None, gather=None, index=0, node=None):
-        self.gen, self.req, self.fuse, self.detached = gen, req, fuse, detached
+    def __init__(self, gen, req, fuse, gather=None, index=0, node=None):
+        self.gen, self.req, self.fuse = gen, req, fuse
         self.gather, self.index, self.node = gather, index, node
 
 
 class Relay:
-    """Moves requests between one PuffsDevice and one FuseChannel."""
+    """Moves requests between one PuffsDevice and one FuseChannel for one
+    Session, the NodeTable keeping what the two sides share.
 
-    def __init__(self, device, channel, options=None):
+    Methods for the loop:
+        run()                  the selectors loop, until the kernel side ends
+        shutdown()             answer whatever is still waiting
+    The kernel side (one PuffsRequest per frame):
+        on_kernel_frame(f)     decode, find the node, start the translator
+        finish(req, rv, len)   the one reply to a request; FAF ones get none
+        send_flush(...)        a PUFFSOP_FLUSH of ours to the kernel
+    The FUSE side (one InFlight per unique):
+        send_fuse(freq, i)     pack, number and queue a FUSE request
+        send_detached(...)     one whose reply is only logged (FLUSH, RELEASE)
+        on_fuse_reply(...)     resume the translator waiting for the unique
+        fail(unique, errno)    the one way a request in flight fails
+        daemon_died(why)       fail everything, ask the kernel to unmount
+    Translators call send_detached, unmount_begins and read `session`,
+    `nodes`, `debug`, `daemon_gone`; nothing else writes the Relay's state.
+    """
+
+    def __init__(self, device, channel, session, options=None):
         options = options or {}
-        self.device, self.channel = device, channel
+        self.device, self.channel, self.session = device, channel, session
         self.nodes = NodeTable(self.send_release, options.get("keep_unheld", 2048))
         self.debug = options.get("debug") or Debug()
         self.trace = options.get("trace")
-        popts = parse_perfuse_options(options.get("perfuse_options",
-                                                  os.environ.get("PERFUSE_OPTIONS", "")))
-        self.access_via_daemon = popts.get("access", False)
-        self.no_create = not popts.get("creat", True)
-        self.enable_poll = popts.get("poll", False)
-        self.advlock = popts.get("advlock", True)     # disable_advlock: the kernel locks
-        self.max_read_cap = options.get("max_read", 128 * 1024)
-        self.unique = 0
-        self.inflight = {}
-        self.lacking = set()
-        self.init_flags = 0
-        self.minor = 0
-        self.max_read = self.max_write = 4096
-        self.daemon_readdirplus = False
-        self.readdirplus_only = False
-        self.readdir_ratio = 1.5          # FUSE bytes per NetBSD dirent byte, as last seen
-        self.namemax = None
-        self.mount_flags = 0
-        self.owner_uid = 0
-        self.daemon_gone = False
-        self.unmounting = False
-        self.kernel_gone = False
-        self.flush_id = 1 << 63     # ids of our requests to the kernel: top bit set
-        self.kernel_waiting = {}    # flush id -> InFlight of the translator waiting
-        self._spare = []            # large reply buffers to reuse
-        self.unmount_requested = 0.0
+        self.inflight = {}              # unique -> InFlight
+        self.kernel_waiting = {}        # our FLUSH's id -> InFlight of the translator waiting
+        self.flush_id = OUR_REQUEST_IDS
+        self.daemon_gone = self.kernel_gone = self.unmounting = False
+        self.unmount_requested = 0.0    # when we asked the kernel to unmount
+        self._spare = []                # large reply buffers to reuse
 
-    # --- bookkeeping used by translators ---------------------------------
-
-    def lacks(self, what):
-        return what in self.lacking
-
-    def mark_lacking(self, what):
-        if what not in self.lacking:
-            LOG.log(logging.DEBUG if self.debug.misc else logging.INFO,
-                    "daemon lacks %s: not asking again", what)
-            self.lacking.add(what)
-
-    def node_of(self, cookie):
-        node = self.nodes.get(cookie)
-        if node is None:
-            raise PuffsError(E.ENOENT, "unknown cookie %#x" % cookie)
-        return node
-
-    def send_release(self, node, fh):
-        """The node table's RELEASE: counted as in flight on the node."""
-        opcode = F.RELEASEDIR if node.is_dir else F.RELEASE
-        if self.lacks("RELEASE") or self.lacks(FUSE_OPNAMES[F.OPENDIR if node.is_dir else F.OPEN]):
-            return      # nothing was opened, or the daemon keeps no open state
-        if self.debug.fh:
-            LOG.debug("  release fh %#x of node %#x", fh, node.nodeid)
-        self.send_detached(FuseRequest(opcode, node.nodeid, (RELEASE_IN.pack(fh, 0, 0, 0),)),
-                           "RELEASE", node)
-
-    # --- FUSE side ----------------------------------------------------------
+    # --- the FUSE side ---------------------------------------------------
 
     def send_fuse(self, freq, inflight):
+        """Queue freq; its reply goes to `inflight` (None: no reply comes)."""
         if self.daemon_gone:
             raise FuseError(errno.ENXIO, "daemon gone")
-        self.unique += 1
-        unique = self.unique
+        unique = self.channel.new_unique()
         record = freq.pack(unique)
         if inflight is not None:
             inflight.fuse = freq
             self.inflight[unique] = inflight
         if self.debug.fuse:
-            why = inflight.req.op.name if inflight and inflight.req else (
-                inflight.detached if inflight else "no reply")
+            why = "no reply" if inflight is None else (
+                inflight.req.op.name if inflight.req else "detached")
             LOG.debug("> fuse %s unique %d nodeid %#x len %d (for %s)",
                       FUSE_OPNAMES.get(freq.opcode, freq.opcode), unique, freq.nodeid,
                       sum(map(len, record)), why)
         try:
             self.channel.send(unique, record)
         except MessageTooLong as e:
-            if e.unique == unique:      # this one: its translator gets the error
+            LOG.error("request %d: %s", e.unique, e)
+            if e.unique == unique:      # this one: its caller gets the error
                 self.inflight.pop(unique, None)
-                LOG.error("%s of %d bytes does not fit the socket buffer",
-                          FUSE_OPNAMES.get(freq.opcode), sum(map(len, record)))
-                self._flush_channel()
                 raise FuseError(errno.EMSGSIZE)
-            self._refused(e)
-            self._flush_channel()
+            # An earlier one fails; the records behind it go from the loop,
+            # so that no translator is resumed while it is sending.
+            self.fail(e.unique, errno.EMSGSIZE)
         except EOFError:
             self.inflight.pop(unique, None)
             self.daemon_died("send failed")
@@ -2263,40 +2419,39 @@ class Relay:
             LOG.debug("  daemon socket full: %d records queued", self.channel.queued)
         return unique
 
-    def _refused(self, too_long):
-        """A queued record that can never be sent fails its own request."""
-        LOG.error("request %d: %s", too_long.unique, too_long)
-        inflight = self.inflight.pop(too_long.unique, None)
-        if inflight is None:
-            return
-        if inflight.gen is not None:
-            self.deliver(inflight, exc=FuseError(errno.EMSGSIZE))
-        elif inflight.node is not None:
-            self.nodes.idle(inflight.node)
-
-    def send_detached(self, freq, what, node):
-        """A request whose reply only needs logging (FLUSH at close, RELEASE);
-        in flight on the node until answered."""
+    def send_detached(self, freq, node):
+        """A request whose reply only needs logging (FLUSH at close,
+        RELEASE); in flight on the node until answered."""
         self.nodes.busy(node)
         try:
-            self.send_fuse(freq, InFlight(None, None, None, what, node=node))
+            self.send_fuse(freq, InFlight(None, None, None, node=node))
         except FuseError as e:
-            LOG.warning("%s not sent: %s", what, os.strerror(e.errno))
+            LOG.warning("%s not sent: %s", FUSE_OPNAMES[freq.opcode], strerror(e.errno))
             self.nodes.idle(node)
 
+    def send_release(self, node, fh):
+        """The node table's RELEASE: counted as in flight on the node."""
+        opcode = F.RELEASEDIR if node.is_dir else F.RELEASE
+        if self.session.lacks(opcode) or self.session.lacks(F.OPENDIR if node.is_dir else F.OPEN):
+            return      # nothing was opened, or the daemon keeps no open state
+        if self.debug.fh:
+            LOG.debug("  release fh %#x of node %#x", fh, node.nodeid)
+        self.send_detached(FuseRequest(opcode, node.nodeid, (RELEASE_IN.pack(fh, 0, 0, 0),)),
+                           node)
+
     def flush_forgets(self):
-        forgets, self.nodes.forgets = self.nodes.forgets, []
+        forgets = self.nodes.take_forgets()
         if not forgets or self.daemon_gone or self.unmounting:
             return
         if self.debug.reclaim:
             LOG.debug("forget %s", ", ".join("%#x:%d" % f for f in forgets))
         try:
-            if len(forgets) == 1 or self.minor < 16:
+            if len(forgets) == 1 or self.session.minor < 16:
                 for nodeid, count in forgets:
                     self.send_fuse(FuseRequest(F.FORGET, nodeid, (FORGET_IN.pack(count),)), None)
             else:
-                for i in range(0, len(forgets), 4096):
-                    batch = forgets[i:i + 4096]
+                for i in range(0, len(forgets), FORGETS_PER_BATCH):
+                    batch = forgets[i:i + FORGETS_PER_BATCH]
                     parts = [BATCH_FORGET_IN.pack(len(batch), 0)]
                     parts += [FORGET_ONE.pack(n, k) for n, k in batch]
                     self.send_fuse(FuseRequest(F.BATCH_FORGET, 0, tuple(parts)), None)
@@ -2313,25 +2468,25 @@ class Relay:
         if inflight is None:
             LOG.warning("reply for unknown unique %d dropped", unique)
             return
+        opname = FUSE_OPNAMES.get(inflight.fuse.opcode)
         if self.debug.fuse:
-            LOG.debug("< fuse %s unique %d error %d len %d",
-                      FUSE_OPNAMES.get(inflight.fuse.opcode), unique, err, len(payload))
-        if inflight.detached is not None:
+            LOG.debug("< fuse %s unique %d error %d len %d", opname, unique, err, len(payload))
+        if inflight.gen is None:                # detached
             self.nodes.idle(inflight.node)
             if err == -errno.ENOSYS:
-                self.mark_lacking(inflight.detached)
+                self.session.mark_lacking(inflight.fuse.opcode)
             elif err:
-                LOG.warning("%s of node %#x failed: %s", inflight.detached,
-                            inflight.fuse.nodeid, strerror(-err))
+                LOG.warning("%s of node %#x failed: %s", opname, inflight.fuse.nodeid,
+                            strerror(-err))
             return
-        if err > 0 or err < -4095:
-            LOG.error("%s: malformed error %d in reply", FUSE_OPNAMES.get(inflight.fuse.opcode), err)
+        if err > 0 or err < -MAX_ERRNO:
+            LOG.error("%s: malformed error %d in reply", opname, err)
             self.deliver(inflight, exc=FuseError(errno.EPROTO))
         elif err < 0:
             self.deliver(inflight, exc=FuseError(-err))
         elif len(payload) < inflight.fuse.min_reply:
-            LOG.error("%s: reply of %d bytes, %d expected",
-                      FUSE_OPNAMES.get(inflight.fuse.opcode), len(payload), inflight.fuse.min_reply)
+            LOG.error("%s: reply of %d bytes, %d expected", opname, len(payload),
+                      inflight.fuse.min_reply)
             self.deliver(inflight, exc=FuseError(errno.EPROTO))
         else:
             self.deliver(inflight, value=payload)
@@ -2340,14 +2495,13 @@ class Relay:
         """Daemon-initiated cache invalidation becomes a PUFFSOP_FLUSH."""
         try:
             if code == FUSE_NOTIFY_INVAL_INODE:
-                nodeid, off, length = NOTIFY_INVAL_INODE.unpack_from(payload)
-                node = self.nodes.current(nodeid)
-                if node is not None and off >= 0:
-                    end = off + length if length > 0 else 0
-                    self.send_flush(node.cookie, PUFFS_INVAL_PAGECACHE_NODE_RANGE, off, end)
+                inval = NOTIFY_INVAL_INODE.unpack_from(payload)
+                node = self.nodes.current(inval.ino)
+                if node is not None and inval.off >= 0:
+                    end = inval.off + inval.len if inval.len > 0 else 0
+                    self.send_flush(node.cookie, PUFFS_INVAL_PAGECACHE_NODE_RANGE, inval.off, end)
             elif code in (FUSE_NOTIFY_INVAL_ENTRY, FUSE_NOTIFY_DELETE):
-                parent = NOTIFY_INVAL_ENTRY.unpack_from(payload)[0]
-                node = self.nodes.current(parent)
+                node = self.nodes.current(NOTIFY_INVAL_ENTRY.unpack_from(payload).parent)
                 if node is not None:
                     self.send_flush(node.cookie, PUFFS_INVAL_NAMECACHE_DIR, 0, 0)
             else:
@@ -2355,30 +2509,21 @@ class Relay:
         except struct.error:
             LOG.warning("malformed notification %d ignored", code)
 
-    def send_flush(self, cookie, op, start, end):
-        self.flush_id += 1
-        frame = bytearray(c.sizeof(MsgFlush))
-        msg = MsgFlush.from_buffer(frame)
-        msg.pr.preq_framelen = msg.pr.preq_buflen = len(frame)
-        msg.pr.preq_id = self.flush_id
-        msg.pr.preq_opclass = PUFFSOP_FLUSH
-        msg.pf_cookie, msg.pf_op, msg.pf_start, msg.pf_end = cookie, op, start, end
-        del msg
-        self.write_kernel(frame)
-        return self.flush_id
-
-    def request_unmount(self):
-        """Ask the kernel to unmount us (the daemon went away)."""
-        if self.unmount_requested or self.kernel_gone or self.unmounting:
+    def fail(self, unique, host_errno):
+        """Request `unique` fails with host_errno: its translator gets the
+        error, a detached one no longer keeps its node busy."""
+        inflight = self.inflight.pop(unique, None)
+        if inflight is None:
             return
-        self.unmount_requested = time.monotonic()
-        frame = bytearray(c.sizeof(PuffsReq))
-        hdr = PuffsReq.from_buffer(frame)
-        hdr.preq_framelen = hdr.preq_buflen = len(frame)
-        hdr.preq_id = (1 << 63) | 0xDEAD
-        hdr.preq_opclass = PUFFSOP_UNMOUNT
-        del hdr
-        self.write_kernel(frame)
+        if inflight.gen is not None:
+            self.deliver(inflight, exc=FuseError(host_errno))
+        else:
+            self.nodes.idle(inflight.node)
+
+    def fail_inflight(self, host_errno):
+        """Answer everything waiting for the daemon with an error."""
+        for unique in sorted(self.inflight):
+            self.fail(unique, host_errno)
 
     def daemon_died(self, why):
         if self.daemon_gone:
@@ -2388,17 +2533,31 @@ class Relay:
         self.fail_inflight(errno.ENXIO)
         self.request_unmount()
 
-    def fail_inflight(self, host_errno):
-        """Answer everything waiting for the daemon with an error."""
-        for unique, inflight in sorted(self.inflight.items()):
-            if self.inflight.pop(unique, None) is None:
-                continue
-            if inflight.gen is not None:
-                self.deliver(inflight, exc=FuseError(host_errno))
-            elif inflight.node is not None:
-                self.nodes.idle(inflight.node)
+    # --- the kernel side -------------------------------------------------
 
-    # --- kernel side -------------------------------------------------------
+    def send_flush(self, cookie, op, start, end):
+        """A PUFFSOP_FLUSH request of ours; returns its id."""
+        self.flush_id += 1
+        frame = bytearray(c.sizeof(MsgFlush))
+        msg = MsgFlush.from_buffer(frame)
+        msg.pf_cookie, msg.pf_op, msg.pf_start, msg.pf_end = cookie, op, start, end
+        self.write_kernel(kernel_request(frame, msg.pr, PUFFSOP_FLUSH, self.flush_id))
+        return self.flush_id
+
+    def request_unmount(self):
+        """Ask the kernel to unmount us (the daemon went away)."""
+        if self.unmount_requested or self.kernel_gone or self.unmounting:
+            return
+        self.unmount_requested = time.monotonic()
+        frame = bytearray(c.sizeof(PuffsReq))
+        self.write_kernel(kernel_request(frame, PuffsReq.from_buffer(frame), PUFFSOP_UNMOUNT,
+                                         OUR_REQUEST_IDS | 0xDEAD))
+
+    def unmount_begins(self):
+        """VFS_UNMOUNT arrived: the last FORGETs go before DESTROY, and the
+        kernel is never asked to unmount again."""
+        self.flush_forgets()
+        self.unmounting = True
 
     def write_kernel(self, frame):
         try:
@@ -2407,16 +2566,12 @@ class Relay:
             self.kernel_gone = True
         except OSError as e:
             # The frame cannot be written (a stand-in device with small
-            # buffers): the kernel still gets one answer, an error.
+            # buffers): a request still gets one answer, an error.
             self.device.drop_pending(frame)
-            hdr = PuffsReq.from_buffer_copy(bytes(frame[:c.sizeof(PuffsReq)]))
             LOG.error("writing a %d-byte frame to the kernel: %s", len(frame), e.strerror)
+            hdr = PuffsReq.from_buffer_copy(bytes(frame[:c.sizeof(PuffsReq)]))
             if hdr.preq_opclass & PUFFSOPFLAG_ISRESPONSE and len(frame) > c.sizeof(PuffsReq):
-                short = bytearray(frame[:c.sizeof(PuffsReq)])
-                out = PuffsReq.from_buffer(short)
-                out.preq_framelen, out.preq_rv = len(short), E.EIO
-                del out
-                self.write_kernel(short)
+                self.write_kernel(error_reply(frame, E.EIO))
 
     def on_kernel_frame(self, frame):
         if self.debug.dump:
@@ -2426,11 +2581,11 @@ class Relay:
             return
         hdr = PuffsReq.from_buffer_copy(frame[:c.sizeof(PuffsReq)])
         opclass = hdr.preq_opclass
-        cls = opclass & PUFFSOP_OPCMASK
+        faf = bool(opclass & PUFFSOPFLAG_FAF)
         if hdr.preq_framelen != len(frame):
             LOG.error("kernel frame of %d bytes says %d: refused", len(frame), hdr.preq_framelen)
-            if not opclass & PUFFSOPFLAG_FAF and len(frame) >= c.sizeof(PuffsReq):
-                self.reply_error(frame[:c.sizeof(PuffsReq)], E.EINVAL)
+            if not faf:
+                self.write_kernel(error_reply(frame, E.EINVAL))
             return
         if opclass & PUFFSOPFLAG_ISRESPONSE:
             # The kernel's answer to a FLUSH or UNMOUNT request of ours.
@@ -2440,43 +2595,20 @@ class Relay:
             if waiter is not None:
                 self.resume(waiter, hdr.preq_rv)
             return
+        cls = opclass & PUFFSOP_OPCMASK
         if cls == PUFFSOP_ERROR:
             msg = MsgError.from_buffer_copy(frame.ljust(c.sizeof(MsgError), b"\0"))
             LOG.error("kernel reports error %d (type %d): %s", msg.perr_error,
                       hdr.preq_optype, msg.perr_str.decode(errors="replace"))
             return
         op = OPS.get((cls, hdr.preq_optype))
-        faf = bool(opclass & PUFFSOPFLAG_FAF)
-        if op is None:
-            LOG.warning("unsupported op class %d type %d", cls, hdr.preq_optype)
+        try:
+            node = self._node_for(op, hdr, len(frame))
+        except PuffsError as e:
             if not faf:
-                self.reply_error(frame, E.EOPNOTSUPP)
+                self.write_kernel(error_reply(frame, e.errno))
             return
-        fixed = c.sizeof(op.layout)
-        if op.data_in:
-            # data flows in only (WRITE, SETEXTATTR): the reply is the fixed
-            # part; the data is read from the frame itself
-            reply = bytearray(frame[:fixed]).ljust(fixed, b"\0")
-        else:
-            # The reply buffer is what the kernel allocated (preq_buflen);
-            # the real kernel never exceeds PUFFS_MSG_MAXSIZE, a stand-in may.
-            size = max(len(frame), min(hdr.preq_buflen, MAX_REPLY_BUFFER), fixed)
-            reply = self._reply_buffer(size)
-            reply[:len(frame)] = frame
-        node = None
-        if op.needs_node:
-            node = self.nodes.get(hdr.preq_cookie)
-            if node is None:
-                LOG.warning("%s for unknown cookie %#x", op.name, hdr.preq_cookie)
-                if not faf:
-                    self.reply_error(frame, E.ENOENT)
-                return
-            if node.flags & STALE and op.name not in ("INACTIVE", "RECLAIM"):
-                # the daemon's node id names another file now
-                if not faf:
-                    self.reply_error(frame, E.ESTALE)
-                return
-        req = PuffsRequest(reply, op, node, frame)
+        req = PuffsRequest(self._reply_buffer(op, frame, hdr), op, node, frame)
         if self.debug.puffs:
             LOG.debug("> puffs %s id %d cookie %#x%s", op.name, hdr.preq_id,
                       hdr.preq_cookie, " FAF" if faf else "")
@@ -2496,26 +2628,43 @@ class Relay:
         else:
             self.finish(req, 0, result)
 
-    def _reply_buffer(self, size):
-        """A buffer for a reply: large ones are reused, so that big READs do
-        not map and fault in fresh memory each time."""
-        if size < LARGE_REPLY:
-            return bytearray(size)
-        for i, buf in enumerate(self._spare):
-            if len(buf) >= size:
-                return self._spare.pop(i)
-        return bytearray(size)
+    def _node_for(self, op, hdr, length):
+        """The node a request is for (None for VFS ops); PuffsError when
+        the request cannot be served."""
+        if op is None:
+            LOG.warning("unsupported op class %d type %d", hdr.preq_opclass & PUFFSOP_OPCMASK,
+                        hdr.preq_optype)
+            raise PuffsError(E.EOPNOTSUPP)
+        if length < c.sizeof(op.layout):
+            LOG.error("%s frame of %d bytes, shorter than its struct: refused", op.name, length)
+            raise PuffsError(E.EINVAL)
+        if not op.needs_node:
+            return None
+        node = self.nodes.get(hdr.preq_cookie)
+        if node is None:
+            LOG.warning("%s for unknown cookie %#x", op.name, hdr.preq_cookie)
+            raise PuffsError(E.ENOENT)
+        if node.flags & STALE and op.name not in ("INACTIVE", "RECLAIM"):
+            raise PuffsError(E.ESTALE)      # the daemon's node id names another file now
+        return node
 
-    def reply_error(self, frame, nb_errno):
-        """Answer a request with an error alone: its header (56 bytes never
-        exceed preq_buflen) with preq_rv set."""
-        reply = bytearray(frame[:c.sizeof(PuffsReq)])
-        out = PuffsReq.from_buffer(reply)
-        out.preq_rv = nb_errno
-        out.preq_opclass |= PUFFSOPFLAG_ISRESPONSE
-        out.preq_framelen = len(reply)
-        del out
-        self.write_kernel(reply)
+    def _reply_buffer(self, op, frame, hdr):
+        """The reply buffer: the fixed part for data that flows in only
+        (WRITE, SETEXTATTR; the data is read from the frame itself), else
+        what the kernel allocated (preq_buflen; the real kernel never
+        exceeds PUFFS_MSG_MAXSIZE, a stand-in may).  Large ones are reused,
+        so that big READs do not map and fault in fresh memory each time."""
+        fixed = c.sizeof(op.layout)
+        if op.data_in:
+            return bytearray(frame[:fixed])
+        size = max(len(frame), min(hdr.preq_buflen, MAX_REPLY_BUFFER), fixed)
+        buf = None
+        if size >= LARGE_REPLY:
+            buf = next((self._spare.pop(i) for i, b in enumerate(self._spare)
+                        if len(b) >= size), None)
+        buf = buf or bytearray(size)
+        buf[:len(frame)] = frame
+        return buf
 
     def resume(self, inflight, value=None, exc=None):
         """Run a translator until it waits for FUSE or finishes."""
@@ -2577,6 +2726,8 @@ class Relay:
             self.resume(inflight, gather.results)
 
     def finish(self, req, nb_errno, length):
+        """The reply to req: its buffer up to `length` (None: the op's fixed
+        size), or the fixed part alone with an error."""
         hdr = req.hdr
         if req.started:
             elapsed = time.monotonic() - req.started
@@ -2592,23 +2743,17 @@ class Relay:
                         req.op.name, hdr.preq_cookie, nb_errno,
                         " (data lost)" if req.op.name == "WRITE" else "")
             return
-        if not 0 <= nb_errno <= NETBSD_ELAST:
-            nb_errno = E.EIO
-        hdr.preq_rv = nb_errno
-        hdr.preq_opclass |= PUFFSOPFLAG_ISRESPONSE
-        if nb_errno:
+        if nb_errno or length is None:
             length = c.sizeof(req.op.layout)
-        elif length is None:
-            length = max(c.sizeof(req.op.layout), 0)
         # Never answer with more than the kernel allocated: it would wedge.
-        length = min(length, hdr.preq_buflen, len(req.reply))
-        hdr.preq_framelen = length
+        seal_reply(hdr, nb_errno, min(length, hdr.preq_buflen, len(req.reply)))
+        length = hdr.preq_framelen
         del hdr
         req.msg = req.hdr = None
         view = memoryview(req.reply)[:length]
         self.write_kernel(view)
         if len(req.reply) >= LARGE_REPLY and not self.device.pending_output \
-                and len(self._spare) < 4:
+                and len(self._spare) < SPARE_REPLY_BUFFERS:
             view.release()
             self._spare.append(req.reply)
 
@@ -2618,7 +2763,7 @@ class Relay:
             " for PUFFS %s" % i.req.op.name if i.req is not None else "")
             for unique, i in sorted(self.inflight.items())]
 
-    # --- the loop ----------------------------------------------------------
+    # --- the loop --------------------------------------------------------
 
     def run(self):
         sel = selectors.DefaultSelector()
@@ -2631,7 +2776,7 @@ class Relay:
         try:
             while not self.kernel_gone:
                 if self.daemon_gone and self.unmount_requested and \
-                        time.monotonic() - self.unmount_requested > 30:
+                        time.monotonic() - self.unmount_requested > UNMOUNT_PATIENCE:
                     LOG.warning("kernel did not unmount: closing the device")
                     break
                 for key, mask in sel.select(1.0 if self.daemon_gone else None):
@@ -2675,10 +2820,11 @@ class Relay:
                 self.daemon_died("socket closed")
                 return
             except MessageTooLong as e:
-                self._refused(e)
+                LOG.error("request %d: %s", e.unique, e)
+                self.fail(e.unique, errno.EMSGSIZE)
 
     def _drain_device(self):
-        for _ in range(64):
+        for _ in range(FRAMES_PER_WAKEUP):
             try:
                 frame = self.device.read_frame()
             except EOFError as e:
@@ -2691,7 +2837,7 @@ class Relay:
             self.on_kernel_frame(frame)
 
     def _drain_channel(self, sel):
-        for _ in range(256):
+        for _ in range(REPLIES_PER_WAKEUP):
             try:
                 got = self.channel.receive()
             except BlockingIOError:
@@ -2701,10 +2847,10 @@ class Relay:
                 self.daemon_died(str(e))
                 return
             except ProtocolError as e:
-                LOG.error("malformed FUSE reply: %s", e)
-                inflight = self.inflight.pop(e.unique, None) if e.unique else None
-                if inflight is not None and inflight.gen is not None:
-                    self.deliver(inflight, exc=FuseError(errno.EIO))
+                LOG.error("malformed FUSE reply%s: %s",
+                          " to request %d" % e.unique if e.unique else "", e)
+                if e.unique:
+                    self.fail(e.unique, errno.EIO)
                 continue
             if got is None:
                 if not self.channel.reassembling:
@@ -2717,6 +2863,29 @@ class Relay:
         if not self.kernel_gone:
             self.fail_inflight(errno.ENXIO)
         self.inflight.clear()
+
+
+def seal_reply(hdr, nb_errno, length):
+    """Make a request header the header of its reply: every reply frame to
+    the kernel is finished here.  preq_rv is a NetBSD errno, always."""
+    hdr.preq_rv = nb_errno if 0 <= nb_errno <= NETBSD_ELAST else E.EIO
+    hdr.preq_opclass |= PUFFSOPFLAG_ISRESPONSE
+    hdr.preq_framelen = length
+
+
+def error_reply(frame, nb_errno):
+    """A reply of the request header alone (56 bytes never exceed
+    preq_buflen), carrying an error."""
+    reply = bytearray(frame[:c.sizeof(PuffsReq)])
+    seal_reply(PuffsReq.from_buffer(reply), nb_errno, len(reply))
+    return reply
+
+
+def kernel_request(frame, hdr, opclass, preq_id):
+    """A request of ours to the kernel (FLUSH, UNMOUNT) in `frame`."""
+    hdr.preq_framelen = hdr.preq_buflen = len(frame)
+    hdr.preq_id, hdr.preq_opclass = preq_id, opclass
+    return frame
 
 
 def hexdump(data, limit=256):
@@ -2800,15 +2969,24 @@ class Trace:
 
 
 # ---------------------------------------------------------------------------
-# 8. Mount handshake and serve_connection
+# 9. Mount handshake and serve_connection
 # ---------------------------------------------------------------------------
 
 # sysexits(3)
 EX_OK, EX_USAGE, EX_SOFTWARE, EX_OSERR, EX_PROTOCOL, EX_NOPERM = 0, 64, 70, 71, 76, 77
 
-# struct perfuse_mount_out, 56 bytes: len, error, unique, the "noFuseRq"
-# magic (not checked, as by the C perfused), the string lengths and flags
-MOUNT_HEADER = S("<IiQ9s3xIIIIII4x")
+
+
+class PerfuseMountOut(c.Structure):
+    """struct perfuse_mount_out (lib/libperfuse/perfuse_if.h) in the host's
+    C layout (56 bytes on LP64 ports, 52 on i386), the strings after it.
+    The magic "noFuseRq" is not checked, as by the C perfused.  libperfuse
+    has the same definition; a test holds them equal."""
+    _fields_ = [("pmo_len", c.c_uint32), ("pmo_error", c.c_int32), ("pmo_unique", c.c_uint64),
+                ("pmo_magic", c.c_char * 9), ("pmo_source_len", c.c_uint32),
+                ("pmo_target_len", c.c_uint32), ("pmo_filesystemtype_len", c.c_uint32),
+                ("pmo_mountflags", c.c_uint32), ("pmo_data_len", c.c_uint32),
+                ("pmo_sock_len", c.c_uint32)]
 
 
 class MountRequest:
@@ -2822,14 +3000,15 @@ class MountRequest:
 
     @classmethod
     def parse(cls, record):
-        if len(record) < MOUNT_HEADER.size:
+        if len(record) < c.sizeof(PerfuseMountOut):
             raise ValueError("mount request of %d bytes is too short" % len(record))
-        (length, _err, _unique, _magic, *lens) = MOUNT_HEADER.unpack_from(record)
-        src_len, tgt_len, type_len, flags, data_len, sock_len = lens
-        if length != len(record):
-            raise ValueError("mount request says %d bytes, got %d" % (length, len(record)))
-        pos, values = MOUNT_HEADER.size, {}
-        for name, n in zip(cls.FIELDS, (src_len, tgt_len, type_len, data_len, sock_len)):
+        head = PerfuseMountOut.from_buffer_copy(record[:c.sizeof(PerfuseMountOut)])
+        if head.pmo_len != len(record):
+            raise ValueError("mount request says %d bytes, got %d" % (head.pmo_len, len(record)))
+        pos, values = c.sizeof(PerfuseMountOut), {}
+        for name, n in zip(cls.FIELDS, (head.pmo_source_len, head.pmo_target_len,
+                                        head.pmo_filesystemtype_len, head.pmo_data_len,
+                                        head.pmo_sock_len)):
             if n == 0:
                 values[name] = None
                 continue
@@ -2840,7 +3019,7 @@ class MountRequest:
             pos += n
         if not values["target"]:
             raise ValueError("mount request without a target")
-        return cls(values["source"], values["target"], values["fstype"], flags,
+        return cls(values["source"], values["target"], values["fstype"], head.pmo_mountflags,
                    values["data"], values["sock"])
 
 
@@ -2848,21 +3027,25 @@ def peer_credentials(sock, ancdata=()):
     """(pid, uid, gid) of the peer: SCM_CREDS on NetBSD, else SO_PEERCRED
     (Linux) or LOCAL_PEEREID (NetBSD)."""
     for level, ctype, data in ancdata:
-        if level == socket.SOL_SOCKET and ctype == 0x10 and len(data) >= 20:
-            pid, uid, euid, gid, egid = struct.unpack_from("=iIIII", data)
+        if level == socket.SOL_SOCKET and ctype == SCM_CREDS and len(data) >= SOCKCRED.size:
+            pid, _uid, euid, _gid, egid = SOCKCRED.unpack_from(data)
             return pid, euid, egid
     if hasattr(socket, "SO_PEERCRED"):
         raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
         return struct.unpack("3i", raw)
-    raw = sock.getsockopt(0, 3, 12)          # SOL_LOCAL, LOCAL_PEEREID
+    raw = sock.getsockopt(SOL_LOCAL, LOCAL_PEEREID, 12)   # struct unpcbid: pid, euid, egid
     return struct.unpack("=iII", raw)
+
+
+MOUNT_REQUEST_MAX = 65536      # a header and five strings: a larger record is refused
+MAX_READ_LIMIT = 16 << 20       # the largest max_read= taken
 
 
 def read_mount_request(sock, timeout=30.0):
     """Block until the whole mount request record arrives."""
     sock.settimeout(timeout)
     try:
-        record, ancdata, _flags, _ = sock.recvmsg(65536, socket.CMSG_SPACE(128))
+        record, ancdata, _flags, _ = sock.recvmsg(MOUNT_REQUEST_MAX, socket.CMSG_SPACE(128))
     except socket.timeout:
         raise ValueError("no mount request within %g s" % timeout)
     finally:
@@ -2872,7 +3055,7 @@ def read_mount_request(sock, timeout=30.0):
     creds = peer_credentials(sock, ancdata)
     if IS_NETBSD:
         try:
-            sock.setsockopt(0, 4, 0)     # LOCAL_CREDS off: only the first message
+            sock.setsockopt(SOL_LOCAL, LOCAL_CREDS, 0)     # only the first message
         except OSError:
             pass
     return MountRequest.parse(record), creds
@@ -2886,7 +3069,7 @@ def mount_option_max_read(data, default):
     for opt in (data or "").split(","):
         if opt.startswith("max_read="):
             try:
-                return max(4096, min(int(opt[9:], 0), 16 << 20))
+                return max(PAGE_SIZE, min(int(opt[9:], 0), MAX_READ_LIMIT))
             except ValueError:
                 LOG.warning("ignoring mount option %r", opt)
     return default
@@ -2912,71 +3095,19 @@ def check_mount_permission(uid, target, mountflags):
     return None
 
 
-def fuse_exchange(channel, relay, freq, timeout=30.0):
-    """A blocking request/reply before the relay loop runs (INIT, root attr)."""
-    relay.unique += 1
-    unique = relay.unique
-    channel.sock.settimeout(timeout)
-    try:
-        channel.sock.sendmsg(freq.pack(unique))
-        deadline = time.monotonic() + timeout
-        while True:
-            if time.monotonic() > deadline:
-                raise FuseError(errno.ETIMEDOUT, "no answer to %s" % FUSE_OPNAMES[freq.opcode])
-            got = channel.receive()
-            if got is None:
-                continue
-            r_unique, err, payload = got
-            if r_unique == 0:
-                continue
-            if r_unique != unique:
-                raise FuseError(errno.EPROTO, "unexpected unique %d" % r_unique)
-            if err:
-                raise FuseError(-err if -4096 < err < 0 else errno.EPROTO)
-            return bytes(payload)
-    except socket.timeout:
-        raise FuseError(errno.ETIMEDOUT, "no answer to %s" % FUSE_OPNAMES[freq.opcode])
-    except (BrokenPipeError, ConnectionResetError) as e:
-        raise EOFError("daemon gone") from e
-    finally:
-        channel.sock.settimeout(None)
-
-
-def negotiate_init(channel, relay):
-    body = INIT_IN.pack(FUSE_KERNEL_VERSION, FUSE_OFFERED_MINOR, relay.max_read_cap,
-                        FUSE_OFFERED_FLAGS, 0)
-    payload = fuse_exchange(channel, relay, FuseRequest(F.INIT, 0, (body,)))
-    if len(payload) < INIT_OUT_OLD:
-        raise FuseError(errno.EPROTO, "INIT reply of %d bytes" % len(payload))
-    fields = INIT_OUT.unpack(payload[:INIT_OUT.size].ljust(INIT_OUT.size, b"\0"))
-    major, minor, _readahead, flags, _bg, _cong, max_write, _gran, max_pages = fields[:9]
-    if major != FUSE_KERNEL_VERSION or minor < FUSE_OLDEST_MINOR:
-        raise FuseError(errno.EPROTO, "daemon speaks FUSE %d.%d" % (major, minor))
-    if minor < 23:
-        max_pages = 0
-    relay.minor = min(minor, FUSE_OFFERED_MINOR)
-    relay.init_flags = flags & FUSE_OFFERED_FLAGS
-    pages = max_pages if flags & FUSE_MAX_PAGES and max_pages else 32
-    # A READ reply must fit the daemon's socket buffer, which we cannot see;
-    # libperfuse sizes both ends alike, so ours is the best guess.
-    relay.max_read = max(4096, min(pages * 4096, relay.max_read_cap, channel.rcvbuf - 4096))
-    # A WRITE record is header + write_in + data: keep it within our buffer.
-    relay.max_write = max(4096, min(max_write or 4096, pages * 4096, channel.sndbuf - 4096))
-    relay.daemon_readdirplus = bool(flags & FUSE_DO_READDIRPLUS)
-    LOG.info("daemon speaks FUSE %d.%d, flags %#x, max_read %d, max_write %d",
-             major, minor, flags, relay.max_read, relay.max_write)
-
-
 def build_kargs(relay, mreq, root_attr, statfs, puffs_flags):
+    """struct puffs_kargs for the mount: the vnopmask from what the session
+    serves, the root from its attributes, statvfs from the daemon's."""
+    session = relay.session
     kargs = PuffsKargs()
     kargs.pa_vers = PUFFSVERSION
     kargs.pa_fd = relay.device.fileno()
     kargs.pa_flags = puffs_flags & PUFFS_KFLAG_MASK
-    kargs.pa_nhashbuckets = 256
+    kargs.pa_nhashbuckets = PUFFS_HASH_BUCKETS
     ops = set(DEFAULT_VNOPS)
-    if not relay.init_flags & FUSE_POSIX_LOCKS or not relay.advlock:
+    if not session.advlock:
         ops.discard("ADVLOCK")    # the kernel then keeps fcntl locks itself
-    if relay.enable_poll:
+    if session.poll:
         ops.add("POLL")
     for name in ops:
         kargs.pa_vnopmask[PUFFS_VN[name]] = 1
@@ -2985,12 +3116,65 @@ def build_kargs(relay, mreq, root_attr, statfs, puffs_flags):
     kargs.pa_mntfromname = os.fsencode(mreq.source or "/dev/fuse")[:1023]
     kargs.pa_root_cookie = relay.nodes.root.cookie
     kargs.pa_root_vtype = VDIR
-    kargs.pa_root_vsize = root_attr[1] if root_attr else 0
+    kargs.pa_root_vsize = min(root_attr.size, OFFSET_MAX)
     kargs.pa_root_rdev = 0
     if statfs is not None:
-        fill_statvfs(kargs.pa_svfsb, statfs, relay)
+        fill_statvfs(kargs.pa_svfsb, statfs, session)
     kargs.pa_time32 = 0        # time_t is 64-bit on every NetBSD port
     return bytes(kargs)
+
+
+class Refused(Exception):
+    """A connection that ends before the relay runs, with a sysexits status."""
+
+    def __init__(self, status, why):
+        super().__init__(why)
+        self.status = status
+
+
+def accept_mount_request(sock):
+    """The mount request, the sender's pid and uid, and the NetBSD mount
+    flags to use; Refused when the request is bad or not allowed."""
+    try:
+        mreq, (pid, uid, _gid) = read_mount_request(sock)
+    except (ValueError, OSError) as e:
+        raise Refused(EX_PROTOCOL, "bad mount request: %s" % e)
+    flags = netbsd_mount_flags(mreq.mountflags)
+    why = check_mount_permission(uid, mreq.target, flags)
+    if why:
+        raise Refused(EX_NOPERM, "mount refused for uid %d: %s" % (uid, why))
+    if uid != 0:
+        flags |= NETBSD_MNT["MNT_NOSUID"] | NETBSD_MNT["MNT_NODEV"]
+    return mreq, pid, uid, flags
+
+
+def open_device():
+    try:
+        return PuffsDevice()
+    except OSError as e:
+        raise Refused(EX_OSERR, "/dev/puffs: %s" % e.strerror)
+
+
+def fuse_handshake(channel, mreq, uid, flags, options):
+    """FUSE_INIT, the root's attributes and the file system's statfs (None
+    when the daemon has none): (session, root Attr, Kstatfs)."""
+    try:
+        session = negotiate_init(
+            channel, mount_option_max_read(mreq.data, options.get("max_read", DEFAULT_MAX_READ)),
+            mount_flags=flags, owner_uid=uid, perfuse_options=options.get(
+                "perfuse_options", os.environ.get("PERFUSE_OPTIONS", "")))
+        root = ATTR_OUT.unpack_from(fuse_exchange(channel, FuseRequest(
+            F.GETATTR, FUSE_ROOT_ID, (GETATTR_IN.pack(0, 0, 0),))))
+        try:
+            statfs = STATFS_OUT.unpack_from(fuse_exchange(channel, FuseRequest(
+                F.STATFS, FUSE_ROOT_ID, ())))
+            session.saw_statfs(statfs)
+        except FuseError:
+            statfs = None
+    except (FuseError, EOFError, struct.error) as e:
+        raise Refused(EX_PROTOCOL, "FUSE handshake with %s failed: %s"
+                      % (mreq.source or "daemon", e))
+    return session, root.attr, statfs
 
 
 def serve_connection(sock, device=None, **options):
@@ -3009,50 +3193,25 @@ def serve_connection(sock, device=None, **options):
     own_device = device is None
     try:
         try:
-            mreq, (pid, uid, _gid) = read_mount_request(sock)
-        except (ValueError, OSError) as e:
-            LOG.error("bad mount request: %s", e)
-            return EX_PROTOCOL
-        flags = netbsd_mount_flags(mreq.mountflags)
-        why = check_mount_permission(uid, mreq.target, flags)
-        if why:
-            LOG.error("mount refused for uid %d: %s", uid, why)
-            return EX_NOPERM
-        if uid != 0:
-            flags |= NETBSD_MNT["MNT_NOSUID"] | NETBSD_MNT["MNT_NODEV"]
-        if own_device:
+            mreq, pid, uid, flags = accept_mount_request(sock)
+            if own_device:
+                device = open_device()
+            channel = FuseChannel(sock, options.get("bufsize"))
+            session, root, statfs = fuse_handshake(channel, mreq, uid, flags, options)
+            relay = Relay(device, channel, session, options)
+            remember_attr(relay.nodes.root, root)
+            if relay.trace is not None:
+                relay.trace.target = mreq.target
+                relay.trace.inflight = relay.describe_inflight
+            kargs = build_kargs(relay, mreq, root, statfs,
+                                options.get("puffs_flags", DEFAULT_KFLAGS))
             try:
-                device = PuffsDevice()
-            except OSError as e:
-                LOG.error("/dev/puffs: %s", e.strerror)
-                return EX_OSERR
-        channel = FuseChannel(sock, options.get("bufsize"))
-        relay = Relay(device, channel, options)
-        relay.mount_flags, relay.owner_uid = flags, uid
-        relay.max_read_cap = mount_option_max_read(mreq.data, relay.max_read_cap)
-        if relay.trace is not None:
-            relay.trace.target = mreq.target
-            relay.trace.inflight = relay.describe_inflight
-        try:
-            negotiate_init(channel, relay)
-            root = ATTR_OUT.unpack(fuse_exchange(channel, relay, FuseRequest(
-                F.GETATTR, FUSE_ROOT_ID, (GETATTR_IN.pack(0, 0, 0),)))[:ATTR_OUT.size])
-            remember_attr(relay.nodes.root, root[3:])
-            try:
-                statfs = STATFS_OUT.unpack(fuse_exchange(channel, relay, FuseRequest(
-                    F.STATFS, FUSE_ROOT_ID, ()))[:STATFS_OUT.size])
-            except FuseError:
-                statfs = None
-        except (FuseError, EOFError, struct.error) as e:
-            LOG.error("FUSE handshake with %s failed: %s", mreq.source or "daemon", e)
-            return EX_PROTOCOL
-        kargs = build_kargs(relay, mreq, root[3:], statfs,
-                            options.get("puffs_flags", DEFAULT_KFLAGS))
-        try:
-            device.mount(mreq.target, flags, kargs)
-        except (OSError, ValueError) as e:
-            LOG.error("mount %s: %s", mreq.target, e)
-            return EX_OSERR
+                device.mount(mreq.target, flags, kargs)
+            except (OSError, ValueError) as e:
+                raise Refused(EX_OSERR, "mount %s: %s" % (mreq.target, e))
+        except Refused as e:
+            LOG.error("%s", e)
+            return e.status
         LOG.info("mounted %s on %s for uid %d (pid %d)", mreq.source, mreq.target, uid, pid)
         try:
             relay.run()
@@ -3066,7 +3225,8 @@ def serve_connection(sock, device=None, **options):
         if relay is not None and not relay.daemon_gone and not relay.unmounting:
             try:     # the kernel went away without an UNMOUNT: tell the daemon
                 channel.sock.setblocking(True)
-                channel.sock.sendmsg(FuseRequest(F.DESTROY, FUSE_ROOT_ID).pack(relay.unique + 1))
+                channel.sock.sendmsg(FuseRequest(F.DESTROY, FUSE_ROOT_ID).pack(
+                    channel.new_unique()))
             except OSError:
                 pass
         try:
@@ -3078,7 +3238,7 @@ def serve_connection(sock, device=None, **options):
 
 
 # ---------------------------------------------------------------------------
-# 9. Daemon and command line: perfused [-fs] [-d types] [-i fd]
+# 10. Daemon and command line: perfused [-fs] [-d types] [-i fd]
 # ---------------------------------------------------------------------------
 
 USAGE = "usage: perfused [-fs] [-d types] [-i fd]"
@@ -3174,27 +3334,44 @@ def install_signals(debug, trace, toggle_signal):
     signal.signal(signal.SIGUSR1, toggle_trace)
 
 
-def socket_path():
-    return os.environ.get("PERFUSE_SOCKET", "/dev/fuse")
+LISTEN_BACKLOG = 16
+SOCKET_MODE = 0o666         # every user may connect; the mount request is checked
+
+
+def bind_listener(path):
+    """The listening socket at path, which never exists with another mode:
+    bind(2) creates it with the umask giving SOCKET_MODE (no chmod after).
+    A stale socket there is replaced; anything else is left alone and
+    refused."""
+    try:
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise OSError(errno.EEXIST, "exists and is not a socket")
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    umask = os.umask(0o777 & ~SOCKET_MODE)      # single-threaded here: nobody else sees it
+    try:
+        listener.bind(path)
+        if IS_NETBSD:
+            # accepted sockets inherit LOCAL_CREDS, so the first message of
+            # each connection carries SCM_CREDS
+            listener.setsockopt(SOL_LOCAL, LOCAL_CREDS, 1)
+        listener.listen(LISTEN_BACKLOG)
+    except OSError:
+        listener.close()
+        raise
+    finally:
+        os.umask(umask)
+    return listener
 
 
 def listen_forever(debug, trace, foreground, device=None):
     """Accept daemons on the perfused socket: each connection served by a
     child process of its own, or in turn in the foreground (-f)."""
     path = socket_path()
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    try:
-        listener.bind(path)
-        os.chmod(path, 0o666)
-        if IS_NETBSD:
-            # SOL_LOCAL, LOCAL_CREDS: accepted sockets inherit it, so the
-            # first message of each connection carries SCM_CREDS
-            listener.setsockopt(0, 4, 1)
-        listener.listen(16)
+        listener = bind_listener(path)
     except OSError as e:
         LOG.error("%s: %s", path, e.strerror)
         return EX_OSERR
