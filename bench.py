@@ -289,6 +289,8 @@ def _timed(fn, repeat):
 
 def bench(repeat=3):
     """make bench: print the table and the two machine-readable lines."""
+    # Every workload against the same daemons, in a fixed order, inside one
+    # set of mounts: long, as the run it describes.
     import pathlib
     import platform
     import resource
@@ -296,7 +298,7 @@ def bench(repeat=3):
     passthrough = libfuse3_example("passthrough_ll")
     squashfuse = shutil.which("squashfuse")
     if not squashfuse or not shutil.which("mksquashfs"):
-        print("bench: squashfuse and squashfs-tools are needed (sudo sh .ci/run)", file=sys.stderr)
+        print("bench: squashfuse and squashfs-tools are needed (sh .ci/run as root)", file=sys.stderr)
         return 1
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="perfused-bench-"))
     rows, ratios = [], {}
@@ -468,7 +470,7 @@ def demo():
     import logging
     missing = [t for t in ("squashfuse", "mksquashfs") if not shutil.which(t)]
     if missing:
-        print("demo: %s missing: sudo apt-get install squashfuse squashfs-tools"
+        print("demo: %s missing: apt-get install squashfuse squashfs-tools (as root)"
               % ", ".join(missing), file=sys.stderr)
         return 1
     import pathlib

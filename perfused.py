@@ -3315,7 +3315,9 @@ def install_signals(debug, trace, toggle_signal):
 
     def toggle_trace(_sig, _frame):
         trace.enabled = not trace.enabled
-        if not trace.enabled:
+        if trace.enabled:
+            LOG.info("trace recording")
+        else:
             path = "/var/run/perfused-%s.trace" % (trace.target.strip("/").replace("/", "-") or "root")
             try:
                 with open(path + ".tmp", "w") as f:     # readers never see half a trace

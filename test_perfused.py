@@ -717,6 +717,7 @@ class Mount:
         daemon_end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, bufsize)
         daemon_end.sendall(mount_request(source, target, fstype, flags, "fd=%d" % daemon_end.fileno()))
         self.result = None
+        self.relay_sock = relay_end             # perfused's end, for its queue
         self.thread = threading.Thread(target=self._serve, args=(relay_end, options or {}),
                                        daemon=True)
         self.thread.start()
@@ -1024,6 +1025,23 @@ def names_handler(table):
     return lookup
 
 
+def all_threads_stopped(pid):
+    """Every thread of process pid is stopped (Linux /proc)."""
+    try:
+        tasks = os.listdir("/proc/%d/task" % pid)
+        return all(open("/proc/%d/task/%s/stat" % (pid, t)).read().rsplit(")", 1)[1].split()[0]
+                   in ("T", "t") for t in tasks)
+    except OSError:
+        return False
+
+
+def unread_bytes(sock):
+    """Bytes sent on sock that its peer has not read yet (TIOCOUTQ)."""
+    import fcntl
+    import termios
+    return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+
+
 def wait_for(pred, timeout=10):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -1269,6 +1287,7 @@ def moosefs(tmp_path):
     connect to 0.0.0.0 (Linux delivers that over loopback), and the master
     remaps the chunkservers' 127.0.0.1 to 0.0.0.0 (REMAP_*), which it
     accepts and hands to clients, who connect to 0.0.0.0 again."""
+    # The cluster's start-up, in the order its daemons need: one sequence.
     for tool in ("mfsmaster", "mfschunkserver", "mfsmount", "mfscli"):
         need(tool)
     empty = "/var/lib/mfs/metadata.mfs.empty"
@@ -1671,23 +1690,55 @@ class Caps:
         self.host = host              # the backing directory, where files are plain
 
 
+def content_of(p, top):
+    """rel -> its bytes read through the mount."""
+    return lambda rel: p.readfile(top + "/" + rel)
+
+
 def check_writable_semantics(kernel, p, top, caps):
     """The operations a NetBSD user does on a local file system, each
     checked through the mount (and on the backing directory where there is
     one)."""
-    host = caps.host
+    check_file_contents(p, top, caps.host)
+    check_names(p, top, caps)
+    check_attributes(p, top, caps)
+    if caps.xattrs:
+        check_extended_attributes(p, top, caps.host)
+    # fifos
+    if caps.fifo:
+        p.mkfifo(top + "/fifo", 0o644)
+        assert stat.S_ISFIFO(p.lstat(top + "/fifo")["st_mode"])
+        p.unlink(top + "/fifo")
+    # fcntl locks between two processes
+    if caps.locks:
+        check_locks_between_processes(kernel, p, top + "/f")
+    # fsync of a file and a directory
+    fd = p.open(top + "/f", rk.O_RDWR)
+    p.fsync(fd)
+    p.close(fd)
+    fd = p.open(top + "/d", rk.O_RDONLY | rk.O_DIRECTORY)
+    p.fsync(fd)
+    p.close(fd)
+    for rel in ("d/inner", "f", "big") + (("orig",) if caps.hardlinks else ()):
+        p.unlink(top + "/" + rel)
+    p.rmdir(top + "/d")
+    if caps.dir_rename:
+        p.unlink(top + "/sub2/y")
+        p.rmdir(top + "/sub2")
 
-    def on_host(rel):
-        return os.path.join(host, rel)
 
-    def content(rel):
-        return p.readfile(top + "/" + rel)
+
+
+def check_file_contents(p, top, host):
+    """Create, append, truncate (by path, by descriptor, O_TRUNC), large
+    writes: the bytes read back, and on the backing store."""
+    content = content_of(p, top)
     # create, write, read back
     data = os.urandom(150 * 1024 + 11)
     p.writefile(top + "/f", data)
     assert content("f") == data
     if host:
-        assert open(on_host("f"), "rb").read() == data
+        assert open(os.path.join(host, "f"), "rb").read() == data
     # append
     fd = p.open(top + "/f", rk.O_WRONLY | rk.O_APPEND)
     p.write(fd, b"tail")
@@ -1711,7 +1762,7 @@ def check_writable_semantics(kernel, p, top, caps):
     p.close(fd)
     assert content("f") == b"new"
     if host:
-        assert open(on_host("f"), "rb").read() == b"new"
+        assert open(os.path.join(host, "f"), "rb").read() == b"new"
     # large writes, read back at random offsets
     big = os.urandom(3 * 1024 * 1024 + 5)
     p.writefile(top + "/big", big, chunk=1 << 20)
@@ -1723,7 +1774,13 @@ def check_writable_semantics(kernel, p, top, caps):
     p.fsync(fd)
     p.close(fd)
     if host:
-        assert open(on_host("big"), "rb").read() == big
+        assert open(os.path.join(host, "big"), "rb").read() == big
+
+
+def check_names(p, top, caps):
+    """Directories, renames, hard and symbolic links, unlink, with the
+    errors a local file system gives."""
+    content = content_of(p, top)
     # mkdir, rmdir, ENOTEMPTY, EEXIST
     p.mkdir(top + "/d", 0o750)
     assert stat.S_ISDIR(p.stat(top + "/d")["st_mode"])
@@ -1778,6 +1835,11 @@ def check_writable_semantics(kernel, p, top, caps):
     p.unlink(top + "/d/moved")
     assert nb_errno(p.stat, top + "/d/moved") == NB_ERR["ENOENT"]
     assert nb_errno(p.unlink, top + "/d/moved") == NB_ERR["ENOENT"]
+
+
+def check_attributes(p, top, caps):
+    """chmod, chown and every way of setting times."""
+    host = caps.host
     # attributes
     p.chmod(top + "/f", 0o600)
     assert p.stat(top + "/f")["st_mode"] & 0o7777 == 0o600
@@ -1786,7 +1848,7 @@ def check_writable_semantics(kernel, p, top, caps):
         st = p.stat(top + "/f")
         assert (st["st_uid"], st["st_gid"]) == (1000, 100)
         if host:
-            assert (os.stat(on_host("f")).st_uid, os.stat(on_host("f")).st_gid) == (1000, 100)
+            assert (os.stat(os.path.join(host, "f")).st_uid, os.stat(os.path.join(host, "f")).st_gid) == (1000, 100)
     if caps.times:
         p.utimes(top + "/f", ((1000000000, 0), (1100000000, 0)))
         st = p.stat(top + "/f")
@@ -1807,45 +1869,27 @@ def check_writable_semantics(kernel, p, top, caps):
         p.utimensat(top + "/f", None)
         st = p.stat(top + "/f")
         assert st["st_mtim"][0] >= before and st["st_atim"][0] >= before
-    # extended attributes, both interfaces
-    if caps.xattrs:
-        p.extattr_set(top + "/f", "comment", b"value one")
-        assert p.extattr_get(top + "/f", "comment") == b"value one"
-        assert p.extattr_get(top + "/f", "comment", 0) == 9
-        assert "comment" in p.extattr_list(top + "/f")
-        assert nb_errno(p.extattr_get, top + "/f", "missing") == NB_ERR["ENOATTR"]
-        assert nb_errno(p.getxattr, top + "/f", "user.missing") == NB_ERR["ENODATA"]
-        p.setxattr(top + "/f", "user.lx", b"v2", rk.XATTR_CREATE)
-        assert nb_errno(p.setxattr, top + "/f", "user.lx", b"v3", rk.XATTR_CREATE) == \
-            NB_ERR["EEXIST"]
-        assert p.getxattr(top + "/f", "user.lx") == b"v2"
-        assert "user.lx" in p.listxattr(top + "/f")
-        if host:
-            assert os.getxattr(on_host("f"), "user.comment") == b"value one"
-        p.extattr_delete(top + "/f", "comment")
-        assert nb_errno(p.extattr_delete, top + "/f", "comment") == NB_ERR["ENOATTR"]
-        p.removexattr(top + "/f", "user.lx")
-    # fifos
-    if caps.fifo:
-        p.mkfifo(top + "/fifo", 0o644)
-        assert stat.S_ISFIFO(p.lstat(top + "/fifo")["st_mode"])
-        p.unlink(top + "/fifo")
-    # fcntl locks between two processes
-    if caps.locks:
-        check_locks_between_processes(kernel, p, top + "/f")
-    # fsync of a file and a directory
-    fd = p.open(top + "/f", rk.O_RDWR)
-    p.fsync(fd)
-    p.close(fd)
-    fd = p.open(top + "/d", rk.O_RDONLY | rk.O_DIRECTORY)
-    p.fsync(fd)
-    p.close(fd)
-    for rel in ("d/inner", "f", "big") + (("orig",) if caps.hardlinks else ()):
-        p.unlink(top + "/" + rel)
-    p.rmdir(top + "/d")
-    if caps.dir_rename:
-        p.unlink(top + "/sub2/y")
-        p.rmdir(top + "/sub2")
+
+
+def check_extended_attributes(p, top, host):
+    """Both interfaces: extattr_*(2) with bare names and ENOATTR, the
+    Linux-style *xattr(2) with "user." names and ENODATA."""
+    p.extattr_set(top + "/f", "comment", b"value one")
+    assert p.extattr_get(top + "/f", "comment") == b"value one"
+    assert p.extattr_get(top + "/f", "comment", 0) == 9
+    assert "comment" in p.extattr_list(top + "/f")
+    assert nb_errno(p.extattr_get, top + "/f", "missing") == NB_ERR["ENOATTR"]
+    assert nb_errno(p.getxattr, top + "/f", "user.missing") == NB_ERR["ENODATA"]
+    p.setxattr(top + "/f", "user.lx", b"v2", rk.XATTR_CREATE)
+    assert nb_errno(p.setxattr, top + "/f", "user.lx", b"v3", rk.XATTR_CREATE) == \
+        NB_ERR["EEXIST"]
+    assert p.getxattr(top + "/f", "user.lx") == b"v2"
+    assert "user.lx" in p.listxattr(top + "/f")
+    if host:
+        assert os.getxattr(os.path.join(host, "f"), "user.comment") == b"value one"
+    p.extattr_delete(top + "/f", "comment")
+    assert nb_errno(p.extattr_delete, top + "/f", "comment") == NB_ERR["ENOATTR"]
+    p.removexattr(top + "/f", "user.lx")
 
 
 def check_locks_between_processes(kernel, p, path):
@@ -1872,116 +1916,166 @@ def check_random_operations(p, top, seed, steps=500, host=None, every=50, errnos
     """A seeded random sequence of operations, each checked against a shadow
     model, the whole tree against the model (and the backing store) every
     `every` steps."""
-    rnd = random.Random(seed)
-    top += "/seed%d" % seed                        # each seed in a directory of its own
-    p.mkdir(top, 0o755)
-    host = host and os.path.join(host, "seed%d" % seed)
-    model = {}                                     # rel -> bytes, or None for a directory
-    names = ["a", "b", "c", "d", "e"]
+    RandomOperations(p, top, seed, host, errnos).run(steps, every)
 
-    def pick_dir():
-        dirs = [""] + [r for r, v in model.items() if v is None]
-        return rnd.choice(dirs)
 
-    def join(d, n):
-        return d + "/" + n if d else n
+class RandomOperations:
+    """The state of one seeded run: the model (rel -> bytes, or None for a
+    directory) and one method per operation, each checking what it did."""
 
-    def files():
-        return [r for r, v in model.items() if v is not None]
-    done = []                                      # the last operations, for failures
-    for step in range(steps):
-        op = rnd.choice(("create", "write", "append", "truncate", "read", "rename",
-                         "unlink", "mkdir", "rmdir", "read"))
-        where = "seed %d step %d %s, after %s" % (seed, step, op, done[-6:])
-        try:
-            if op == "create":
-                rel = join(pick_dir(), rnd.choice(names))
-                done.append(("create", rel))
-                data = os.urandom(rnd.choice((0, 10, 4096, 5000, 70000)))
-                if rel in model and model[rel] is None:
-                    assert nb_errno(p.writefile, top + "/" + rel, data) == NB_ERR["EISDIR"], where
-                else:
-                    p.writefile(top + "/" + rel, data)
-                    model[rel] = data
-            elif op in ("write", "append", "truncate", "read") and files():
-                rel = rnd.choice(files())
-                old = model[rel]
-                if op == "write":
-                    off = rnd.randrange(len(old) + 5000)
-                    data = os.urandom(rnd.choice((1, 100, 4096, 9000)))
-                    fd = p.open(top + "/" + rel, rk.O_WRONLY)
-                    p.pwrite(fd, data, off)
-                    p.close(fd)
-                    new = old.ljust(off, b"\0")
-                    model[rel] = new[:off] + data + new[off + len(data):]
-                elif op == "append":
-                    data = os.urandom(rnd.choice((1, 300, 8192)))
-                    fd = p.open(top + "/" + rel, rk.O_WRONLY | rk.O_APPEND)
-                    p.write(fd, data)
-                    p.close(fd)
-                    model[rel] = old + data
-                elif op == "truncate":
-                    size = rnd.randrange(len(old) + 9000)
-                    p.truncate(top + "/" + rel, size)
-                    model[rel] = old[:size].ljust(size, b"\0")
-                else:
-                    assert p.readfile(top + "/" + rel) == old, where
-            elif op == "rename" and model:
-                src = rnd.choice(sorted(model))
-                dst = join(pick_dir(), rnd.choice(names))
-                # in the order NetBSD's kernel checks (as its tmpfs answers)
-                expect = None
-                if dst == src:
-                    expect = None
-                elif dst in model and (model[src] is None) != (model[dst] is None):
-                    expect = NB_ERR["ENOTDIR" if model[src] is None else "EISDIR"]
-                elif (dst + "/").startswith(src + "/"):
-                    expect = NB_ERR["EINVAL"]
-                elif dst in model and model[dst] is None and \
-                        any(r.startswith(dst + "/") for r in model):
-                    expect = NB_ERR["ENOTEMPTY"]
-                if expect is not None and not errnos:
-                    continue        # the daemon has rules of its own there (sftp, cryfs)
-                done.append(("rename", src, dst))
-                got = nb_errno(p.rename, top + "/" + src, top + "/" + dst)
-                assert got == expect, (where, src, dst, got)
-                if expect is None and dst != src:
-                    moved = {r: v for r, v in model.items()
-                             if r == src or r.startswith(src + "/")}
-                    for r in list(model):
-                        if r == dst or r.startswith(dst + "/"):
-                            del model[r]
-                    for r, v in moved.items():
-                        del model[r]
-                        model[dst + r[len(src):]] = v
-            elif op == "unlink" and files():
-                rel = rnd.choice(files())
-                done.append(("unlink", rel))
-                p.unlink(top + "/" + rel)
-                del model[rel]
-            elif op == "mkdir":
-                rel = join(pick_dir(), rnd.choice(names))
-                done.append(("mkdir", rel))
-                got = nb_errno(p.mkdir, top + "/" + rel, 0o755)
-                assert got == (NB_ERR["EEXIST"] if rel in model else None), where
-                model.setdefault(rel, None)
-            elif op == "rmdir":
-                dirs = [r for r, v in model.items() if v is None]
-                if dirs:
-                    rel = rnd.choice(dirs)
-                    done.append(("rmdir", rel))
-                    full = any(r.startswith(rel + "/") for r in model)
-                    got = nb_errno(p.rmdir, top + "/" + rel)
-                    assert got == (NB_ERR["ENOTEMPTY"] if full else None), (where, rel)
-                    if not full:
-                        del model[rel]
-        except rk.NetBSDError as e:
-            raise AssertionError("%s: %s" % (where, e))
-        if step % every == every - 1 or step == steps - 1:
-            want = {r: ("dir", None) if v is None else ("file", v) for r, v in model.items()}
-            assert netbsd_tree(p, top) == want, "seed %d step %d: tree" % (seed, step)
-            if host is not None:
-                assert host_walk(host) == want, "seed %d step %d: backing store" % (seed, step)
+    OPS = ("create", "write", "append", "truncate", "read", "rename", "unlink", "mkdir",
+           "rmdir", "read")
+    NAMES = ("a", "b", "c", "d", "e")
+
+    def __init__(self, p, top, seed, host, errnos):
+        self.p, self.seed, self.errnos = p, seed, errnos
+        self.rnd = random.Random(seed)
+        self.top = top + "/seed%d" % seed            # each seed in a directory of its own
+        p.mkdir(self.top, 0o755)
+        self.host = host and os.path.join(host, "seed%d" % seed)
+        self.model = {}
+        self.done = []                               # the last operations, for failures
+        self.where = ""
+
+    def run(self, steps, every):
+        for step in range(steps):
+            op = self.rnd.choice(self.OPS)
+            self.where = "seed %d step %d %s, after %s" % (self.seed, step, op, self.done[-6:])
+            try:
+                getattr(self, "op_" + op)()
+            except rk.NetBSDError as e:
+                raise AssertionError("%s: %s" % (self.where, e))
+            if step % every == every - 1 or step == steps - 1:
+                want = {r: ("dir", None) if v is None else ("file", v)
+                        for r, v in self.model.items()}
+                assert netbsd_tree(self.p, self.top) == want, "seed %d step %d: tree" % (
+                    self.seed, step)
+                if self.host is not None:
+                    assert host_walk(self.host) == want, "seed %d step %d: backing store" % (
+                        self.seed, step)
+
+    def path(self, rel):
+        return self.top + "/" + rel
+
+    def new_name(self):
+        parent = self.rnd.choice([""] + self.dirs())
+        name = self.rnd.choice(self.NAMES)
+        return parent + "/" + name if parent else name
+
+    def dirs(self):
+        return [r for r, v in self.model.items() if v is None]
+
+    def a_file(self):
+        files = [r for r, v in self.model.items() if v is not None]
+        return self.rnd.choice(files) if files else None
+
+    def op_create(self):
+        rel = self.new_name()
+        self.done.append(("create", rel))
+        data = os.urandom(self.rnd.choice((0, 10, 4096, 5000, 70000)))
+        if rel in self.model and self.model[rel] is None:
+            assert nb_errno(self.p.writefile, self.path(rel), data) == NB_ERR["EISDIR"], self.where
+        else:
+            self.p.writefile(self.path(rel), data)
+            self.model[rel] = data
+
+    def op_write(self):
+        rel = self.a_file()
+        if rel is None:
+            return
+        old = self.model[rel]
+        off = self.rnd.randrange(len(old) + 5000)
+        data = os.urandom(self.rnd.choice((1, 100, 4096, 9000)))
+        fd = self.p.open(self.path(rel), rk.O_WRONLY)
+        self.p.pwrite(fd, data, off)
+        self.p.close(fd)
+        new = old.ljust(off, b"\0")
+        self.model[rel] = new[:off] + data + new[off + len(data):]
+
+    def op_append(self):
+        rel = self.a_file()
+        if rel is None:
+            return
+        data = os.urandom(self.rnd.choice((1, 300, 8192)))
+        fd = self.p.open(self.path(rel), rk.O_WRONLY | rk.O_APPEND)
+        self.p.write(fd, data)
+        self.p.close(fd)
+        self.model[rel] += data
+
+    def op_truncate(self):
+        rel = self.a_file()
+        if rel is None:
+            return
+        size = self.rnd.randrange(len(self.model[rel]) + 9000)
+        self.p.truncate(self.path(rel), size)
+        self.model[rel] = self.model[rel][:size].ljust(size, b"\0")
+
+    def op_read(self):
+        rel = self.a_file()
+        if rel is not None:
+            assert self.p.readfile(self.path(rel)) == self.model[rel], self.where
+
+    def rename_error(self, src, dst):
+        """What NetBSD's kernel answers, in the order it checks (as its
+        tmpfs does); None for success."""
+        model = self.model
+        if dst == src:
+            return None
+        if dst in model and (model[src] is None) != (model[dst] is None):
+            return NB_ERR["ENOTDIR" if model[src] is None else "EISDIR"]
+        if (dst + "/").startswith(src + "/"):
+            return NB_ERR["EINVAL"]
+        if dst in model and model[dst] is None and any(r.startswith(dst + "/") for r in model):
+            return NB_ERR["ENOTEMPTY"]
+        return None
+
+    def op_rename(self):
+        if not self.model:
+            return
+        src = self.rnd.choice(sorted(self.model))
+        dst = self.new_name()
+        expect = self.rename_error(src, dst)
+        if expect is not None and not self.errnos:
+            return          # the daemon has rules of its own there (sftp, cryfs)
+        self.done.append(("rename", src, dst))
+        got = nb_errno(self.p.rename, self.path(src), self.path(dst))
+        assert got == expect, (self.where, src, dst, got)
+        if expect is None and dst != src:
+            model = self.model
+            moved = {r: v for r, v in model.items() if r == src or r.startswith(src + "/")}
+            for r in list(model):
+                if r == dst or r.startswith(dst + "/"):
+                    del model[r]
+            for r, v in moved.items():
+                del model[r]
+                model[dst + r[len(src):]] = v
+
+    def op_unlink(self):
+        rel = self.a_file()
+        if rel is None:
+            return
+        self.done.append(("unlink", rel))
+        self.p.unlink(self.path(rel))
+        del self.model[rel]
+
+    def op_mkdir(self):
+        rel = self.new_name()
+        self.done.append(("mkdir", rel))
+        got = nb_errno(self.p.mkdir, self.path(rel), 0o755)
+        assert got == (NB_ERR["EEXIST"] if rel in self.model else None), self.where
+        self.model.setdefault(rel, None)
+
+    def op_rmdir(self):
+        dirs = self.dirs()
+        if not dirs:
+            return
+        rel = self.rnd.choice(dirs)
+        self.done.append(("rmdir", rel))
+        full = any(r.startswith(rel + "/") for r in self.model)
+        got = nb_errno(self.p.rmdir, self.path(rel))
+        assert got == (NB_ERR["ENOTEMPTY"] if full else None), (self.where, rel)
+        if not full:
+            del self.model[rel]
 
 
 def seeds(default):
@@ -2329,7 +2423,9 @@ VN_NAMES = {v: k for k, v in VN.items()}
 
 
 @pytest.mark.parametrize("mode", ["cachettl", "nocache", "cached"])
-def test_replay_of_recorded_netbsd_kernel_traffic(tmp_path, mode, passthrough):
+def test_replay_of_recorded_netbsd_kernel_traffic(mode, passthrough):
+    # One pass over the recording, mapping its cookies and offsets as it
+    # goes: the mapping is the loop's state, so the loop stays whole.
     import base64
     import gzip
     with gzip.open(FRAMES_FILE, "rt") as f:
@@ -2655,7 +2751,7 @@ def test_lookup_answering_an_ancestor_is_an_error_not_a_loop():
         assert k.getattr(sub).rv == 0
 
 
-def test_close_sends_flush_and_inactive_releases(passthrough):
+def test_close_sends_flush_and_inactive_releases():
     handlers = {"LOOKUP": names_handler({"f": (10, 0o100644, 100)})}
     with FakeMount(handlers) as m:
         k, d = m.k, m.daemon
@@ -2688,7 +2784,9 @@ def test_release_waits_for_io_in_flight_on_the_handle():
                      kcred() + bytes(4) + struct.pack("<qQi4x", 0, 100, 0), buflen=268, wait=False)
         assert wait_for(lambda: held)
         assert k.inactive(c).rv == 0            # the kernel drops its reference
-        time.sleep(0.2)
+        # the daemon reads in order: a RELEASE sent at INACTIVE would be
+        # seen before this GETATTR is answered
+        assert k.getattr(k.root).rv == 0
         assert not d.seen("RELEASE"), "RELEASE while a READ on the handle is in flight"
         d.answer(held[0], b"x" * 100)
         assert k.wait(rid).rv == 0
@@ -2729,7 +2827,7 @@ def test_xattr_enosys_becomes_eopnotsupp_and_is_remembered_per_operation():
         assert len(m.daemon.seen("GETXATTR")) == 1 and len(m.daemon.seen("SETXATTR")) == 1
 
 
-def test_fsync_enosys_is_success(passthrough):
+def test_fsync_enosys_is_success():
     with FakeMount({"LOOKUP": names_handler({"f": (10, 0o100644, 1)})}) as m:
         c = m.k.lookup(m.k.root, "f").newnode
         assert m.k.open(c, FREAD | FWRITE).rv == 0
@@ -2882,6 +2980,8 @@ def test_hello_ll_mounts_and_serves_its_file():
 
 
 def test_passthrough_file_lifecycle_matches_local_directory(passthrough, tmp_path):
+    # One file's life, each step done twice (through perfused, on a local
+    # directory) and compared: long, because the steps build on each other.
     ref = tmp_path / "ref"
     ref.mkdir()
     m = passthrough()
@@ -3280,8 +3380,11 @@ def test_real_daemon_killed_mid_request(passthrough):
     k = m.k
     c = k.lookup(k.root, "f").newnode
     os.killpg(m.proc.pid, signal.SIGSTOP)
+    # kill(2) returns before the threads stop: a thread still running could
+    # answer the GETATTR below
+    assert wait_for(lambda: all_threads_stopped(m.proc.pid))
     rid = k.send(OPCLASS_VN, VN["GETATTR"], c, kcred() + bytes(4) + vattr() + bytes(16), wait=False)
-    time.sleep(0.2)
+    assert wait_for(lambda: unread_bytes(m.relay_sock) > 0)     # in flight, then killed
     os.killpg(m.proc.pid, signal.SIGKILL)
     os.killpg(m.proc.pid, signal.SIGCONT)
     assert k.wait(rid).rv == NB["ENXIO"]
@@ -3314,7 +3417,7 @@ def test_usage_errors_exit_64_with_the_usage_line(args):
     assert "usage: perfused [-fs] [-d types] [-i fd]" in r.stderr
 
 
-def test_perfused_dash_i_serves_a_mount_and_writes_a_trace():
+def test_perfused_dash_i_serves_a_mount_and_writes_a_trace(tmp_path):
     """perfused -i fd in its own process, the device handed over through
     PUFFS_COMFD, hello_ll behind it; SIGUSR1 twice writes the trace."""
     exe = libfuse3_example("hello_ll")
@@ -3324,9 +3427,10 @@ def test_perfused_dash_i_serves_a_mount_and_writes_a_trace():
     daemon_end.sendall(mount_request("/dev/fuse", target, "hello", 0, "fd=3"))
     dev = k._dev_sock.fileno()
     env = dict(os.environ, PUFFS_COMFD=str(dev))
+    errlog = tmp_path / "stderr"
     relay = subprocess.Popen(PERFUSED + ["-i", str(relay_end.fileno()), "-d", "fuse,puffs"],
                              pass_fds=[relay_end.fileno(), dev], env=env,
-                             stderr=subprocess.PIPE)
+                             stderr=open(str(errlog), "w"))
     relay_end.close()
     k._dev_sock.close()
     fd = daemon_end.fileno()
@@ -3338,7 +3442,7 @@ def test_perfused_dash_i_serves_a_mount_and_writes_a_trace():
         assert k.mount_target == target
         assert k.kargs[122:136] == b"perfuse|hello\0"
         relay.send_signal(signal.SIGUSR1)                 # trace on
-        time.sleep(0.2)
+        assert wait_for(lambda: "trace recording" in errlog.read_text())
         r = k.lookup(k.root, "hello")
         assert r.rv == 0 and r.size == 13
         assert k.getattr(r.newnode).rv == 0
@@ -3350,7 +3454,7 @@ def test_perfused_dash_i_serves_a_mount_and_writes_a_trace():
         assert k.unmount().rv == 0
         k.close_device()
         assert relay.wait(20) == 0
-        err = relay.stderr.read().decode()
+        err = errlog.read_text()
         assert "> puffs LOOKUP" in err and "> fuse LOOKUP" in err
         daemon.wait(20)
     finally:
