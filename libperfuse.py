@@ -283,7 +283,7 @@ def _options_to_mount(opts):
 def _send_fd(commfd, fd):
     sock = socket.socket(fileno=os.dup(commfd))
     try:
-        sock.sendmsg([b"\0"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", fd))])
+        sock.sendmsg([b"\0"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("=i", fd))])
     finally:
         sock.close()
 

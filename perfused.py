@@ -213,7 +213,8 @@ PUFFSOP_VFS, PUFFSOP_VN, PUFFSOP_ERROR = 1, 2, 4
 PUFFSOP_FLUSH, PUFFSOP_UNMOUNT = 5, 7
 PUFFSOP_OPCMASK, PUFFSOPFLAG_FAF, PUFFSOPFLAG_ISRESPONSE = 0x7, 0x10, 0x20
 
-PUFFS_KFLAG_WTCACHE, PUFFS_KFLAG_CACHE_FS_TTL, PUFFS_KFLAG_NOFLUSH_META = 0x8, 0x80, 0x200
+PUFFS_KFLAG_NOCACHE_NAME, PUFFS_KFLAG_WTCACHE = 0x1, 0x8
+PUFFS_KFLAG_CACHE_FS_TTL, PUFFS_KFLAG_NOFLUSH_META = 0x80, 0x200
 PUFFS_KFLAG_MASK = 0x3BF
 # No PUFFS_KFLAG_CACHE_DOTDOT: with it every cached vnode holds its parent,
 # and this kernel's single-pass vflush then fails unmount with EBUSY.
@@ -912,12 +913,21 @@ class Session:
     its methods."""
 
     def __init__(self, minor, init_flags, max_read, max_write, mount_flags=0, owner_uid=0,
-                 perfuse_options=""):
+                 perfuse_options="", options=None):
         self.minor, self.init_flags = minor, init_flags
         self.max_read, self.max_write = max_read, max_write
         self.mount_flags, self.owner_uid = mount_flags, owner_uid
+        options = options or {}           # mount_options(): who is served, who checks
+        # Who is served (Linux's rules): the mount's owner, root too with
+        # allow_root, everyone with allow_other.
+        self.allow_other = bool(options.get("allow_other"))
+        self.allow_root = bool(options.get("allow_root"))
+        self._refused_uids = set()
         popts = parse_perfuse_options(perfuse_options)
-        self.access_via_daemon = popts.get("access", False)
+        # Mode bits checked by perfused (default_permissions), or decisions
+        # left to the daemon, as Linux does; PERFUSE_OPTIONS access decides
+        # when it is given.
+        self.local_permissions = not popts.get("access", not options.get("default_permissions"))
         self.use_create = popts.get("creat", True)
         self.poll = popts.get("poll", False)
         self.advlock = popts.get("advlock", True) and bool(init_flags & FUSE_POSIX_LOCKS)
@@ -927,6 +937,28 @@ class Session:
 
     def lacks(self, opcode):
         return opcode in self._lacking
+
+    def refuses(self, kcred):
+        """A request of kcred's user is refused: not the owner's, nor
+        root's with allow_root, and no allow_other.  The kernel's own
+        requests (no user credentials) always pass."""
+        if kcred.pkcr_type != PUFFCRED_TYPE_UUC or self.allow_other:
+            return False
+        uid = kcred.pkcr_uuc.cr_uid
+        if uid == self.owner_uid or uid == 0 and self.allow_root:
+            return False
+        if uid not in self._refused_uids:
+            self._refused_uids.add(uid)
+            LOG.warning("refusing uid %d on uid %d's mount (mount option %s lets it in)", uid,
+                        self.owner_uid, "allow_root" if uid == 0 else "allow_other")
+        return True
+
+    @property
+    def kernel_may_cache(self):
+        """NetBSD checks no permission on the names and attributes it
+        caches for a PUFFS mount: where some users are refused, it must
+        cache none, so that every lookup and stat reaches perfused."""
+        return self.allow_other
 
     def mark_lacking(self, opcode):
         if opcode not in self._lacking:
@@ -1404,9 +1436,9 @@ def translate_error(exc):
 # --- name space ops --------------------------------------------------------
 
 def check_access(node, kcred, want):
-    """Local permission check on cached attributes (PERFUSE_OPTIONS
-    disable_access, the default): root may do anything but execute a file
-    with no x bit; others by owner, group, then other bits."""
+    """Local permission check on cached attributes (mount option
+    default_permissions): root may do anything but execute a file with no
+    x bit; others by owner, group, then other bits."""
     if kcred is None or kcred.pkcr_type != PUFFCRED_TYPE_UUC:
         return
     if want & 0o700:                  # current NetBSD VREAD/VWRITE/VEXEC 0400..
@@ -1459,7 +1491,7 @@ def entry_reply_to_kernel(relay, req, entry, fresh=False):
 def op_lookup(relay, req):
     msg = req.msg
     name = kcn_name(msg.pvnr_cn, relay)
-    if not relay.session.access_via_daemon:
+    if relay.session.local_permissions:
         check_access(req.node, msg.pvnr_cn_cred, VEXEC)
         if (msg.pvnr_cn.pkcn_nameiop != NAMEI_LOOKUP
                 and msg.pvnr_cn.pkcn_flags & ISLASTCN):
@@ -1678,15 +1710,17 @@ def op_setattr(relay, req):
 
 def op_access(relay, req):
     node, mode = req.node, req.msg.pvnr_mode
-    if relay.session.access_via_daemon:
-        bits = mode >> 6 if mode & 0o700 else mode
-        mask = ((os.R_OK if bits & VREAD else 0) | (os.W_OK if bits & VWRITE else 0)
-                | (os.X_OK if bits & VEXEC else 0))
-        reply = yield from unless_lacking(relay, FuseRequest(
-            F.ACCESS, node.nodeid, (ACCESS_IN.pack(mask, 0),), req.cred(req.msg.pvnr_cred)))
-        if reply is not LACKING:
-            return None
-    check_access(node, req.msg.pvnr_cred, mode)
+    if relay.session.local_permissions:
+        check_access(node, req.msg.pvnr_cred, mode)
+        return None
+    bits = mode >> 6 if mode & 0o700 else mode
+    mask = ((os.R_OK if bits & VREAD else 0) | (os.W_OK if bits & VWRITE else 0)
+            | (os.X_OK if bits & VEXEC else 0))
+    # A daemon without ACCESS decides at each operation instead (Linux
+    # then allows access(2) too).
+    yield from unless_lacking(relay, FuseRequest(
+        F.ACCESS, node.nodeid, (ACCESS_IN.pack(mask, 0),), req.cred(req.msg.pvnr_cred)))
+    return None
 
 
 # --- open files ----------------------------------------------------------------
@@ -2272,11 +2306,13 @@ def op_poll(relay, req):
 class Op:
     """One row of the PUFFS op table."""
 
-    __slots__ = ("name", "layout", "run", "needs_node", "data_in")
+    __slots__ = ("name", "layout", "run", "needs_node", "data_in", "cred_field")
 
     def __init__(self, name, layout, run, needs_node=True):
         self.name, self.layout, self.run, self.needs_node = name, layout, run, needs_node
         self.data_in = name in ("WRITE", "SETEXTATTR")
+        # the caller's credentials, which the access policy checks
+        self.cred_field = next((f for f, t in layout._fields_ if t is PuffsKcred), None)
 
 
 VN, VFS = PUFFSOP_VN, PUFFSOP_VFS
@@ -2609,6 +2645,9 @@ class Relay:
                 self.write_kernel(error_reply(frame, e.errno))
             return
         req = PuffsRequest(self._reply_buffer(op, frame, hdr), op, node, frame)
+        if op.cred_field and not faf and self.session.refuses(getattr(req.msg, op.cred_field)):
+            self.finish(req, E.EACCES, None)
+            return
         if self.debug.puffs:
             LOG.debug("> puffs %s id %d cookie %#x%s", op.name, hdr.preq_id,
                       hdr.preq_cookie, " FAF" if faf else "")
@@ -3031,8 +3070,8 @@ def peer_credentials(sock, ancdata=()):
             pid, _uid, euid, _gid, egid = SOCKCRED.unpack_from(data)
             return pid, euid, egid
     if hasattr(socket, "SO_PEERCRED"):
-        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        return struct.unpack("3i", raw)
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("=3i"))
+        return struct.unpack("=3i", raw)
     raw = sock.getsockopt(SOL_LOCAL, LOCAL_PEEREID, 12)   # struct unpcbid: pid, euid, egid
     return struct.unpack("=iII", raw)
 
@@ -3061,18 +3100,54 @@ def read_mount_request(sock, timeout=30.0):
     return MountRequest.parse(record), creds
 
 
-def mount_option_max_read(data, default):
-    """max_read=N among the mount options (the FUSE mount option): the
-    largest READ reply the daemon's socket buffer takes.  Without it,
-    128 KiB, which a default-sized socket carries and which the NetBSD
-    kernel never exceeds anyway."""
+def mount_options(data):
+    """The mount options perfused acts on, from the request's comma list:
+    allow_other, allow_root, default_permissions (True when given) and
+    max_read=N (the largest READ reply the daemon's socket buffer takes;
+    without it 128 KiB, which a default-sized socket carries and which the
+    NetBSD kernel never exceeds anyway).  Others are the daemon's."""
+    out = {}
     for opt in (data or "").split(","):
-        if opt.startswith("max_read="):
+        name, _, value = opt.partition("=")
+        if name in ("allow_other", "allow_root", "default_permissions") and not value:
+            out[name] = True
+        elif name == "max_read":
             try:
-                return max(PAGE_SIZE, min(int(opt[9:], 0), MAX_READ_LIMIT))
+                out[name] = max(PAGE_SIZE, min(int(value, 0), MAX_READ_LIMIT))
             except ValueError:
                 LOG.warning("ignoring mount option %r", opt)
-    return default
+    return out
+
+
+FUSE_CONF = "/etc/fuse.conf"
+DEFAULT_MOUNT_MAX = 1000
+
+
+def fuse_conf(path=FUSE_CONF):
+    """What fusermount's policy file allows users who are not root:
+    (user_allow_other, mount_max).  A missing file allows neither option
+    and 1000 mounts."""
+    allow_other, mount_max = False, DEFAULT_MOUNT_MAX
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        return allow_other, mount_max
+    for line in lines:
+        words = line.split("#", 1)[0].replace("=", " = ").split()
+        if words == ["user_allow_other"]:
+            allow_other = True
+        elif len(words) == 3 and words[:2] == ["mount_max", "="] and words[2].isdigit():
+            mount_max = int(words[2])
+        elif words:
+            LOG.warning("%s: ignoring %r", path, line)
+    return allow_other, mount_max
+
+
+def no_other_mounts(_uid):
+    """mount_max's count where nobody else's mounts are known: a perfused
+    serving one connection (-i, -f) holds this one alone."""
+    return 0
 
 
 def check_mount_permission(uid, target, mountflags):
@@ -3102,6 +3177,8 @@ def build_kargs(relay, mreq, root_attr, statfs, puffs_flags):
     kargs = PuffsKargs()
     kargs.pa_vers = PUFFSVERSION
     kargs.pa_fd = relay.device.fileno()
+    if not session.kernel_may_cache:
+        puffs_flags = puffs_flags & ~PUFFS_KFLAG_CACHE_FS_TTL | PUFFS_KFLAG_NOCACHE_NAME
     kargs.pa_flags = puffs_flags & PUFFS_KFLAG_MASK
     kargs.pa_nhashbuckets = PUFFS_HASH_BUCKETS
     ops = set(DEFAULT_VNOPS)
@@ -3132,18 +3209,34 @@ class Refused(Exception):
         self.status = status
 
 
-def accept_mount_request(sock):
+def accept_mount_request(sock, policy_file=FUSE_CONF, mounts_of=no_other_mounts):
     """The mount request, the sender's pid and uid, and the NetBSD mount
-    flags to use; Refused when the request is bad or not allowed."""
+    flags to use; Refused when the request is bad or not allowed: root
+    mounts anywhere with any option; another user on a directory of their
+    own, with allow_other or allow_root only where the policy file says
+    user_allow_other, and below its mount_max mounts."""
     try:
         mreq, (pid, uid, _gid) = read_mount_request(sock)
     except (ValueError, OSError) as e:
         raise Refused(EX_PROTOCOL, "bad mount request: %s" % e)
     flags = netbsd_mount_flags(mreq.mountflags)
+    options = mount_options(mreq.data)
+    if options.get("allow_other") and options.get("allow_root"):
+        raise Refused(EX_NOPERM, "mount refused for uid %d: allow_other and allow_root "
+                                 "exclude each other" % uid)
     why = check_mount_permission(uid, mreq.target, flags)
     if why:
         raise Refused(EX_NOPERM, "mount refused for uid %d: %s" % (uid, why))
     if uid != 0:
+        user_allow_other, mount_max = fuse_conf(policy_file)
+        for option in ("allow_other", "allow_root"):
+            if options.get(option) and not user_allow_other:
+                raise Refused(EX_NOPERM, "mount refused for uid %d: option %s needs "
+                                         "user_allow_other in %s" % (uid, option, policy_file))
+        held = mounts_of(uid)
+        if held >= mount_max:
+            raise Refused(EX_NOPERM, "mount refused for uid %d: %d mounts held, mount_max %d "
+                                     "in %s" % (uid, held, mount_max, policy_file))
         flags |= NETBSD_MNT["MNT_NOSUID"] | NETBSD_MNT["MNT_NODEV"]
     return mreq, pid, uid, flags
 
@@ -3158,10 +3251,11 @@ def open_device():
 def fuse_handshake(channel, mreq, uid, flags, options):
     """FUSE_INIT, the root's attributes and the file system's statfs (None
     when the daemon has none): (session, root Attr, Kstatfs)."""
+    given = mount_options(mreq.data)
     try:
         session = negotiate_init(
-            channel, mount_option_max_read(mreq.data, options.get("max_read", DEFAULT_MAX_READ)),
-            mount_flags=flags, owner_uid=uid, perfuse_options=options.get(
+            channel, given.get("max_read", options.get("max_read", DEFAULT_MAX_READ)),
+            mount_flags=flags, owner_uid=uid, options=given, perfuse_options=options.get(
                 "perfuse_options", os.environ.get("PERFUSE_OPTIONS", "")))
         root = ATTR_OUT.unpack_from(fuse_exchange(channel, FuseRequest(
             F.GETATTR, FUSE_ROOT_ID, (GETATTR_IN.pack(0, 0, 0),))))
@@ -3186,14 +3280,17 @@ def serve_connection(sock, device=None, **options):
     the daemon exits, and closes `sock`.  Returns an exit status in the
     sysexits(3) sense (0 on a normal end).  Thread safe: touches no process
     state.  Options: debug (Debug), trace (Trace), perfuse_options (str),
-    bufsize, max_read, puffs_flags.
+    bufsize, max_read, puffs_flags, keep_unheld, policy_file (instead of
+    /etc/fuse.conf), mounts_of (uid -> mounts held, for mount_max).
     """
     relay = None
     channel = None
     own_device = device is None
     try:
         try:
-            mreq, pid, uid, flags = accept_mount_request(sock)
+            mreq, pid, uid, flags = accept_mount_request(
+                sock, options.get("policy_file", FUSE_CONF),
+                options.get("mounts_of", no_other_mounts))
             if own_device:
                 device = open_device()
             channel = FuseChannel(sock, options.get("bufsize"))
@@ -3379,7 +3476,8 @@ def listen_forever(debug, trace, foreground, device=None):
         return EX_OSERR
     if not foreground:
         daemonize()
-    signal.signal(signal.SIGCHLD, lambda *_: reap_children())
+    serving = {}            # child pid -> uid it serves: the mounts each user holds
+    signal.signal(signal.SIGCHLD, lambda *_: reap_children(serving))
     LOG.info("listening on %s", path)
     while True:
         try:
@@ -3389,18 +3487,24 @@ def listen_forever(debug, trace, foreground, device=None):
         if foreground:
             serve_connection(conn, device, debug=debug, trace=trace)
             continue
+        try:
+            uid = peer_credentials(conn)[1]
+        except OSError:
+            uid = None
         pid = os.fork()
         if pid == 0:
             listener.close()
             code = EX_SOFTWARE
             try:
-                code = serve_connection(conn, debug=debug, trace=trace)
+                code = serve_connection(conn, debug=debug, trace=trace, mounts_of=lambda u: sum(
+                    1 for held in serving.values() if held == u))
             finally:
                 os._exit(code)
+        serving[pid] = uid
         conn.close()
 
 
-def reap_children():
+def reap_children(serving):
     while True:
         try:
             pid, _ = os.waitpid(-1, os.WNOHANG)
@@ -3408,6 +3512,7 @@ def reap_children():
             return
         if pid == 0:
             return
+        serving.pop(pid, None)
 
 
 def daemonize():

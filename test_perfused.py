@@ -215,6 +215,87 @@ LAYOUT_CLASSES = {
 }
 
 
+# The i386 (ILP32) layout, measured with NetBSD's i386 cross compiler
+# (the rump kernel's layout-i386.json): size, offsets of perfused's fields.
+LAYOUT_I386 = {
+    "flock": (24, dict(l_start=0, l_len=8, l_pid=16, l_type=20, l_whence=22)),
+    "perfuse_mount_out": (52, dict(pmo_len=0, pmo_error=4, pmo_unique=8, pmo_magic=16,
+                                   pmo_source_len=28, pmo_target_len=32,
+                                   pmo_filesystemtype_len=36, pmo_mountflags=40,
+                                   pmo_data_len=44, pmo_sock_len=48)),
+    "puffs_error": (304, dict(perr_error=44, perr_str=48)),
+    "puffs_flush": (68, dict(pf_cookie=44, pf_op=48, pf_start=52, pf_end=60)),
+    "puffs_kargs": (3928, dict(pa_vers=0, pa_fd=4, pa_flags=8, pa_maxmsglen=12,
+                               pa_nhashbuckets=16, pa_fhsize=20, pa_fhflags=24, pa_vnopmask=28,
+                               pa_typename=106, pa_mntfromname=138, pa_root_cookie=1164,
+                               pa_root_vtype=1168, pa_root_vsize=1172, pa_svfsb=1188,
+                               pa_time32=3416, pa_spare=3420)),
+    "puffs_kcn": (1040, dict(pkcn_nameiop=0, pkcn_flags=4, pkcn_name=8, pkcn_namelen=1032,
+                             pkcn_consume=1036)),
+    "puffs_kcred": (84, dict(pkcr_uuc=0, pkcr_type=80, pkcr_internal=81)),
+    "puffs_req": (44, dict(preq_id=8, preq_cookie=16, preq_opclass=20, preq_optype=22,
+                           preq_rv=24, preq_setbacks=28, preq_pid=32, preq_lid=36,
+                           preq_buflen=40)),
+    "puffs_vfsmsg_statvfs": (2272, dict(pvfsr_sb=44)),
+    "puffs_vfsmsg_sync": (132, dict(pvfsr_cred=44, pvfsr_waitfor=128)),
+    "puffs_vfsmsg_unmount": (48, dict(pvfsr_flags=44)),
+    "puffs_vnmsg_abortop": (1168, dict(pvnr_cn=44, pvnr_cn_cred=1084)),
+    "puffs_vnmsg_access": (132, dict(pvnr_cred=44, pvnr_mode=128)),
+    "puffs_vnmsg_advlock": (80, dict(pvnr_fl=44, pvnr_id=68, pvnr_op=72, pvnr_flags=76)),
+    "puffs_vnmsg_close": (132, dict(pvnr_cred=44, pvnr_fflag=128)),
+    "puffs_vnmsg_create": (1332, dict(pvnr_cn=44, pvnr_cn_cred=1084, pvnr_va=1168,
+                                      pvnr_newnode=1304, pvnr_va_ttl=1308, pvnr_cn_ttl=1320)),
+    "puffs_vnmsg_deleteextattr": (388, dict(pvnr_attrnamespace=44, pvnr_attrname=48,
+                                            pvnr_cred=304)),
+    "puffs_vnmsg_fallocate": (60, dict(pvnr_off=44, pvnr_len=52)),
+    "puffs_vnmsg_fsync": (148, dict(pvnr_cred=44, pvnr_offlo=128, pvnr_offhi=136,
+                                    pvnr_flags=144)),
+    "puffs_vnmsg_getextattr": (396, dict(pvnr_attrnamespace=44, pvnr_attrname=48,
+                                         pvnr_cred=304, pvnr_datasize=388, pvnr_resid=392,
+                                         pvnr_data=396)),
+    "puffs_vnmsg_inactive": (44, dict()),
+    "puffs_vnmsg_listextattr": (144, dict(pvnr_attrnamespace=44, pvnr_cred=48,
+                                          pvnr_datasize=132, pvnr_resid=136, pvnr_flag=140,
+                                          pvnr_data=144)),
+    "puffs_vnmsg_lookup": (1352, dict(pvnr_cn=44, pvnr_cn_cred=1084, pvnr_newnode=1168,
+                                      pvnr_vtype=1172, pvnr_size=1176, pvnr_rdev=1184,
+                                      pvnr_va=1192, pvnr_va_ttl=1328, pvnr_cn_ttl=1340)),
+    "puffs_vnmsg_mmap": (132, dict(pvnr_prot=44, pvnr_cred=48)),
+    "puffs_vnmsg_open": (136, dict(pvnr_cred=44, pvnr_mode=128, pvnr_oflags=132)),
+    "puffs_vnmsg_pathconf": (52, dict(pvnr_name=44, pvnr_retval=48)),
+    "puffs_vnmsg_poll": (48, dict(pvnr_events=44)),
+    "puffs_vnmsg_readdir": (152, dict(pvnr_cred=44, pvnr_offset=128, pvnr_resid=136,
+                                      pvnr_ncookies=140, pvnr_eofflag=144, pvnr_dentoff=148,
+                                      pvnr_data=152)),
+    "puffs_vnmsg_readlink": (1156, dict(pvnr_cred=44, pvnr_linklen=128, pvnr_link=132)),
+    "puffs_vnmsg_reclaim": (48, dict(pvnr_nlookup=44)),
+    "puffs_vnmsg_remove": (1172, dict(pvnr_cn=44, pvnr_cn_cred=1084, pvnr_cookie_targ=1168)),
+    "puffs_vnmsg_rename": (2304, dict(pvnr_cn_src=44, pvnr_cn_src_cred=1084, pvnr_cn_targ=1168,
+                                      pvnr_cn_targ_cred=2208, pvnr_cookie_src=2292,
+                                      pvnr_cookie_targ=2296, pvnr_cookie_targdir=2300)),
+    "puffs_vnmsg_rw": (144, dict(pvnr_cred=44, pvnr_offset=128, pvnr_resid=136,
+                                 pvnr_ioflag=140, pvnr_data=144)),
+    "puffs_vnmsg_seek": (144, dict(pvnr_cred=44, pvnr_oldoff=128, pvnr_newoff=136)),
+    "puffs_vnmsg_setextattr": (392, dict(pvnr_attrnamespace=44, pvnr_attrname=48,
+                                         pvnr_cred=304, pvnr_resid=388, pvnr_data=392)),
+    "puffs_vnmsg_setgetattr": (276, dict(pvnr_cred=44, pvnr_va=128, pvnr_va_ttl=264)),
+    "puffs_vnmsg_symlink": (2356, dict(pvnr_cn=44, pvnr_cn_cred=1084, pvnr_va=1168,
+                                       pvnr_newnode=1304, pvnr_link=1308, pvnr_va_ttl=2332,
+                                       pvnr_cn_ttl=2344)),
+    "statvfs": (2228, dict(f_flag=0, f_bsize=4, f_frsize=8, f_iosize=12, f_blocks=16,
+                           f_bfree=24, f_bavail=32, f_bresvd=40, f_files=48, f_ffree=56,
+                           f_favail=64, f_fresvd=72, f_syncreads=80, f_syncwrites=88,
+                           f_asyncreads=96, f_asyncwrites=104, f_fsidx=112, f_fsid=120,
+                           f_namemax=124, f_owner=128, f_spare=132, f_fstypename=148,
+                           f_mntonname=180, f_mntfromname=1204)),
+    "timespec": (12, dict(tv_sec=0, tv_nsec=8)),
+    "uucred": (80, dict(cr_unused=0, cr_uid=4, cr_gid=8, cr_ngroups=12, cr_groups=16)),
+    "vattr": (136, dict(va_type=0, va_mode=4, va_nlink=8, va_uid=12, va_gid=16, va_fsid=20,
+                        va_fileid=28, va_size=36, va_blocksize=44, va_atime=48, va_mtime=60,
+                        va_ctime=72, va_birthtime=84, va_gen=96, va_flags=100, va_rdev=104,
+                        va_bytes=112, va_filerev=120, va_vaflags=128, va_spare=132)),
+}
+
 NB_ERR = rk.ERRNO
 
 
@@ -651,12 +732,14 @@ class TestKernel:
 # ---------------------------------------------------------------------------
 # Mount requests (libperfuse's wire format, written out independently)
 # ---------------------------------------------------------------------------
-def mount_request(source, target, fstype, flags=0, data=None, sock=None):
+def mount_request(source, target, fstype, flags=0, data=None, sock=None, order="<"):
+    """struct perfuse_mount_out and its strings, amd64 layout (or with the
+    bytes of each field in `order`)."""
     strings = [s for s in (source, target, fstype, data, sock)]
     lens = [len(s.encode()) + 1 if s is not None else 0 for s in strings]
     body = b"".join(s.encode() + b"\0" for s in strings if s is not None)
     total = 56 + len(body)
-    head = struct.pack("<IiQ9s3xIIIIII4x", total, 0, (1 << 64) - 1, b"noFuseRq",
+    head = struct.pack(order + "IiQ9s3xIIIIII4x", total, 0, (1 << 64) - 1, b"noFuseRq",
                        lens[0], lens[1], lens[2], flags, lens[3], lens[4])
     return head + body
 
@@ -891,31 +974,34 @@ FUSE = dict(LOOKUP=1, FORGET=2, GETATTR=3, SETATTR=4, READLINK=5, SYMLINK=6,
 FUSE_NAMES = {v: k for k, v in FUSE.items()}
 
 
-def fuse_attr(ino, mode, size=0, nlink=1, uid=0, gid=0, rdev=0):
-    return struct.pack("<QQQQQQIIIIIIIIII", ino, size, (size + 511) // 512, 1700000000,
+def fuse_attr(ino, mode, size=0, nlink=1, uid=0, gid=0, rdev=0, order="<"):
+    return struct.pack(order + "QQQQQQIIIIIIIIII", ino, size, (size + 511) // 512, 1700000000,
                        1700000001, 1700000002, 0, 0, 0, mode, nlink, uid, gid, rdev, 4096, 0)
 
 
-def fuse_entry(nodeid, mode, size=0, valid=1, **kw):
-    return struct.pack("<QQQQII", nodeid, 0, valid, valid, 0, 0) + fuse_attr(nodeid, mode, size, **kw)
+def fuse_entry(nodeid, mode, size=0, valid=1, order="<", **kw):
+    return struct.pack(order + "QQQQII", nodeid, 0, valid, valid, 0, 0) + fuse_attr(
+        nodeid, mode, size, order=order, **kw)
 
 
 class FakeDaemon:
     """Speaks the daemon side of FUSE on a socket, from a handler table."""
 
     def __init__(self, sock, handlers=None, minor=31, flags=0x409029, max_write=131072,
-                 init_size=64):
+                 init_size=64, order="<"):
         self.sock = sock
+        self.order = order        # "<" as on amd64; ">" speaks a big-endian host's FUSE
         self.requests = []
         self.modes = {}           # node id -> mode, as entry replies gave them
         self.handlers = {
             "INIT": self.init,
-            "GETATTR": lambda h, b: struct.pack("<QII", 1, 0, 0) + fuse_attr(
-                h["nodeid"], self.modes.get(h["nodeid"], 0o40755)),
-            "STATFS": lambda h, b: struct.pack("<QQQQQIIII24x", 100, 50, 40, 10, 5, 4096, 255, 4096, 0),
+            "GETATTR": lambda h, b: struct.pack(order + "QII", 1, 0, 0) + fuse_attr(
+                h["nodeid"], self.modes.get(h["nodeid"], 0o40755), order=order),
+            "STATFS": lambda h, b: struct.pack(order + "QQQQQIIII24x", 100, 50, 40, 10, 5, 4096,
+                                               255, 4096, 0),
             "DESTROY": lambda h, b: b"",
-            "OPEN": lambda h, b: struct.pack("<QII", 7, 0, 0),
-            "OPENDIR": lambda h, b: struct.pack("<QII", 8, 0, 0),
+            "OPEN": lambda h, b: struct.pack(order + "QII", 7, 0, 0),
+            "OPENDIR": lambda h, b: struct.pack(order + "QII", 8, 0, 0),
             "RELEASE": lambda h, b: b"", "RELEASEDIR": lambda h, b: b"",
             "FLUSH": lambda h, b: b"",
             "FORGET": None, "BATCH_FORGET": None,
@@ -927,8 +1013,8 @@ class FakeDaemon:
         self.thread.start()
 
     def init(self, h, b):
-        out = struct.pack("<IIIIHHIIHHI28x", 7, self.minor, 131072, self.flags, 16, 12,
-                          self.max_write, 1, 32, 0, 0)
+        out = struct.pack(self.order + "IIIIHHIIHHI28x", 7, self.minor, 131072, self.flags, 16,
+                          12, self.max_write, 1, 32, 0, 0)
         return out[:self.init_size]
 
     def run(self):
@@ -939,7 +1025,8 @@ class FakeDaemon:
                 return
             if not rec:
                 return
-            length, opcode, unique, nodeid, uid, gid, pid = struct.unpack_from("<IIQQIII", rec)
+            length, opcode, unique, nodeid, uid, gid, pid = struct.unpack_from(
+                self.order + "IIQQIII", rec)
             assert length == len(rec)
             h = dict(opcode=FUSE_NAMES.get(opcode, opcode), unique=unique, nodeid=nodeid,
                      uid=uid, gid=gid, pid=pid)
@@ -952,17 +1039,17 @@ class FakeDaemon:
             result = handler(h, body)
             if h["opcode"] in ("LOOKUP", "CREATE", "MKNOD", "MKDIR", "SYMLINK", "LINK") and \
                     isinstance(result, bytes) and len(result) >= 128:
-                self.modes[struct.unpack_from("<Q", result)[0]] = \
-                    struct.unpack_from("<I", result, 40 + 60)[0]
+                self.modes[struct.unpack_from(self.order + "Q", result)[0]] = \
+                    struct.unpack_from(self.order + "I", result, 40 + 60)[0]
             self.answer(unique, result)
 
     def answer(self, unique, result):
         if result is None:
             return
         if isinstance(result, int):
-            result = [struct.pack("<IiQ", 16, result, unique)]
+            result = [struct.pack(self.order + "IiQ", 16, result, unique)]
         elif not isinstance(result, list):     # a payload; lists are raw records
-            result = [struct.pack("<IiQ", 16 + len(result), 0, unique) + result]
+            result = [struct.pack(self.order + "IiQ", 16 + len(result), 0, unique) + result]
         try:
             for rec in result:
                 self.sock.send(rec)
@@ -974,25 +1061,30 @@ class FakeDaemon:
             return [(h, b) for h, b in self.requests if h["opcode"] == opcode]
 
     def notify(self, code, payload):
-        self.sock.send(struct.pack("<IiQ", 16 + len(payload), code, 0) + payload)
+        self.sock.send(struct.pack(self.order + "IiQ", 16 + len(payload), code, 0) + payload)
 
 
 class FakeMount:
     """perfused between the test kernel and a FakeDaemon."""
 
-    def __init__(self, handlers=None, options=None, **daemon_kw):
+    def __init__(self, handlers=None, options=None, relay=perfused, order="<", data="",
+                 pair=None, target="/mnt", **daemon_kw):
+        """data: mount options after fd=3; pair: (relay end, daemon end) of
+        the FUSE socket, whose peer credentials make the mount's owner."""
         self.kernel = self.k = TestKernel()
-        relay_end, daemon_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        relay_end, daemon_end = pair or socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         for s in (relay_end, daemon_end):
             s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * 1024 * 1024)
-        daemon_end.sendall(mount_request("fake", "/mnt", "fake", 0, "fd=3"))
+        daemon_end.sendall(mount_request("fake", target, "fake", 0,
+                                         ",".join(o for o in ("fd=3", data) if o), order=order))
         self.daemon_sock = daemon_end
         self.result = None
         self.thread = threading.Thread(
-            target=lambda: setattr(self, "result", perfused.serve_connection(
-                relay_end, device=self.kernel.device, **(options or {}))), daemon=True)
+            target=lambda: setattr(self, "result", relay.serve_connection(
+                relay_end, device=relay.PuffsDevice(self.kernel.device.fd, self.kernel.device.mount),
+                **(options or {}))), daemon=True)
         self.thread.start()
-        self.daemon = FakeDaemon(daemon_end, handlers, **daemon_kw)
+        self.daemon = FakeDaemon(daemon_end, handlers, order=order, **daemon_kw)
         assert self.kernel.mounted.wait(10), "no mount"
 
     def stop(self):
@@ -1014,14 +1106,14 @@ class FakeMount:
         self.stop()
 
 
-def names_handler(table):
+def names_handler(table, order="<"):
     """LOOKUP handler answering from {name: (nodeid, mode, size)}."""
     def lookup(h, b):
         name = b.rstrip(b"\0").decode()
         if name not in table:
             return -errno.ENOENT
         nodeid, mode, size = table[name]
-        return fuse_entry(nodeid, mode, size)
+        return fuse_entry(nodeid, mode, size, order=order)
     return lookup
 
 
@@ -2242,6 +2334,190 @@ def test_libperfuse_and_perfused_hold_one_definition_of_what_they_share(monkeypa
         assert perfused.default_bufsize() == libperfuse.bufsize() == want, value
 
 
+def ilp32_ctypes():
+    """ctypes as an i386 (ILP32) NetBSD port has it: 4-byte long, size_t
+    and pointers, 64-bit members 4-aligned."""
+    import ctypes
+    import types
+
+    class Structure(ctypes.Structure):
+        _pack_ = 4
+    ns = types.SimpleNamespace(**{n: getattr(ctypes, n) for n in dir(ctypes) if n[:2] != "__"})
+    ns.Structure = Structure
+    ns.c_long, ns.c_ulong = ctypes.c_int32, ctypes.c_uint32
+    ns.c_size_t, ns.c_ssize_t, ns.c_void_p = ctypes.c_uint32, ctypes.c_int32, ctypes.c_uint32
+    return ns
+
+
+def port_variant(module, ctypes_ns=None, swapped=False):
+    """A fresh copy of perfused.py or libperfuse.py as another NetBSD port
+    runs it: the same source with the platform made a parameter, its C
+    types (ctypes_ns) or its byte order (swapped: FUSE and the mount
+    request in the order opposite to this host's, which a big-endian port's
+    native order is to a little-endian one)."""
+    import ctypes
+    import types
+    src = open(module.__file__).read()
+    base = "c.Structure" if module is perfused else "ctypes.Structure"
+    assert src.count("class PerfuseMountOut(%s):" % base) == 1
+    src = src.replace("class PerfuseMountOut(%s):" % base, "class PerfuseMountOut(_MOUNT_OUT_BASE):")
+    variant = types.ModuleType(module.__name__ + "_variant")
+    mount_base = ctypes.Structure
+    if ctypes_ns is not None:
+        if module is perfused:      # libperfuse has fixed-size types only: the base will do
+            assert src.count("\nc = ctypes\n") == 1
+            src = src.replace("\nc = ctypes\n", "\nc = _PORT_CTYPES\n")
+            variant._PORT_CTYPES = ctypes_ns
+        mount_base = ctypes_ns.Structure
+    if swapped:
+        opposite = ">" if sys.byteorder == "little" else "<"
+        if module is perfused:
+            assert src.count('FUSE_ORDER = "="') == 1
+            src = src.replace('FUSE_ORDER = "="', "FUSE_ORDER = %r" % opposite)
+        mount_base = (ctypes.BigEndianStructure if opposite == ">"
+                      else ctypes.LittleEndianStructure)
+    variant._MOUNT_OUT_BASE = mount_base
+    exec(compile(src, module.__file__, "exec"), variant.__dict__)
+    return variant
+
+
+def test_no_wire_format_fixes_a_byte_order_or_size_of_its_own():
+    """FUSE is the host's byte order and sizes, and so is NetBSD's C
+    libperfuse's mount request: no format in either module names another
+    order, and PUFFS and the mount request are ctypes in C types."""
+    import ctypes
+    assert perfused.FUSE_ORDER == "="
+    formats = 0
+    for module in (perfused, libperfuse):
+        tree = ast.parse(open(module.__file__).read())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant) \
+                    and isinstance(node.args[0].value, str) and ast.unparse(node.func).split(".")[-1] \
+                    in ("Struct", "S", "pack", "unpack", "unpack_from", "pack_into", "calcsize"):
+                formats += 1
+                assert node.args[0].value[:1] in ("=", "@"), (module.__name__, node.lineno)
+            if isinstance(node, ast.Constant) and node.value in ("little", "big"):
+                raise AssertionError("%s:%d fixes a byte order" % (module.__name__, node.lineno))
+            if isinstance(node, ast.Attribute):
+                assert node.attr not in ("BigEndianStructure", "LittleEndianStructure")
+    assert formats >= 3
+    for cls in (perfused.PerfuseMountOut, libperfuse.PerfuseMountOut, perfused.PuffsReq):
+        assert issubclass(cls, ctypes.Structure) and not getattr(cls, "_pack_", 0)
+
+
+@pytest.mark.parametrize("cname", sorted(LAYOUT_I386))
+def test_puffs_structures_built_for_ilp32_match_netbsd_i386(cname):
+    """perfused's ctypes definitions, built for an ILP32 ABI, give the
+    sizes and offsets NetBSD's i386 compiler gives."""
+    i386 = port_variant(perfused, ilp32_ctypes())
+    cls = i386.PerfuseMountOut if cname == "perfuse_mount_out" else \
+        getattr(i386, LAYOUT_CLASSES[cname])
+    size, offsets = LAYOUT_I386[cname]
+    assert i386.c.sizeof(cls) == size
+    assert {f: getattr(cls, f).offset for f in offsets} == offsets
+
+
+def test_read_reply_length_and_mount_request_follow_the_i386_layout():
+    """On i386 pvnr_data ends struct puffs_vnmsg_rw (no tail padding to
+    add), and the mount request header is 52 bytes: the arithmetic of an
+    ILP32 port, run here."""
+    ns = ilp32_ctypes()
+    i386, lib386 = port_variant(perfused, ns), port_variant(libperfuse, ns)
+    assert ns.sizeof(i386.MsgRw) == i386.MsgRw.pvnr_data.offset == 144
+    # op_read as the relay runs it, on an i386-sized READ of 4096 bytes
+    op = i386.OPS[(i386.PUFFSOP_VN, i386.PUFFS_VN["READ"])]
+    node = i386.Node(2, 2)
+    node.mode, node.size, node.rfh = stat.S_IFREG | 0o644, 100, 7
+
+    class Relay:
+        session = i386.Session(31, 0, 65536, 65536)
+        nodes = i386.NodeTable()
+    reply = bytearray(144 + 4096)
+    req = i386.PuffsRequest(reply, op, node)
+    req.msg.pvnr_offset, req.msg.pvnr_resid = 0, 4096
+    gen = op.run(Relay, req)
+    gather = next(gen)
+    assert [struct.unpack_from("=QQI", f.parts[0])[1:] for f in gather.requests] == [(0, 4096)]
+    with pytest.raises(StopIteration) as stop:
+        gen.send([b"x" * 100])
+    assert stop.value.value == 144 + 100 and reply[144:244] == b"x" * 100
+    assert req.msg.pvnr_resid == 4096 - 100
+    # the mount request: NetBSD's C libperfuse on i386 sends a 52-byte header
+    record = lib386.mount_request("src", "/mnt", "fuse", 1, "fd=3")
+    assert len(record) == 52 + 4 + 5 + 5 + 5 and record[52:56] == b"src\0"
+    assert struct.unpack_from("=I", record)[0] == len(record)
+    parsed = i386.MountRequest.parse(record)
+    assert (parsed.source, parsed.target, parsed.fstype, parsed.data) == ("src", "/mnt", "fuse",
+                                                                           "fd=3")
+    with pytest.raises(ValueError):       # an amd64 header is not an i386 one
+        i386.MountRequest.parse(libperfuse.mount_request("src", "/mnt", "fuse", 1, "fd=3"))
+
+
+def test_fuse_and_the_mount_request_in_the_other_byte_order():
+    """perfused as a big-endian port runs it (the FUSE order and the mount
+    request's made the opposite of this host's) behind the test kernel, a
+    scripted daemon speaking that order: every structure a request and its
+    reply carry is decoded right, so a byte-order slip fails here."""
+    order = ">" if sys.byteorder == "little" else "<"
+    swapped = port_variant(perfused, swapped=True)
+    record = port_variant(libperfuse, swapped=True).mount_request("fake", "/mnt", "fake", 0,
+                                                                   "fd=3")
+    assert record == mount_request("fake", "/mnt", "fake", 0, "fd=3", order=order)
+    data = bytes(range(256)) * 64
+    written = []
+
+    def read(h, b):
+        fh, offset, size = struct.unpack_from(order + "QQI", b)
+        assert fh == 7
+        return data[offset:offset + size]
+
+    def write(h, b):
+        fh, offset, size = struct.unpack_from(order + "QQI", b)
+        written.append((offset, b[40:40 + size]))
+        return struct.pack(order + "II", size, 0)
+
+    def readdir(h, b):
+        fh, offset = struct.unpack_from(order + "QQ", b)
+        if offset:
+            return b""
+        out = b""
+        for i, (name, dtype) in enumerate(((b"f", 8), (b"sub", 4))):
+            rec = struct.pack(order + "QQII", 10 + i, i + 1, len(name), dtype) + name
+            out += rec + bytes(-len(rec) % 8)
+        return out
+
+    def setattr_(h, b):
+        valid, size, mode = struct.unpack_from(order + "I4x8xQ", b) + \
+            struct.unpack_from(order + "I", b, 68)
+        written.append(("setattr", valid, size, mode))
+        return struct.pack(order + "QII", 1, 0, 0) + fuse_attr(10, 0o100600, size, order=order)
+    handlers = {"LOOKUP": names_handler({"f": (10, 0o100644, len(data))}, order=order),
+                "READ": read, "WRITE": write, "READDIR": readdir, "SETATTR": setattr_,
+                "GETXATTR": lambda h, b: b"v" * struct.unpack_from(order + "I", b)[0]}
+    with FakeMount(handlers, relay=swapped, order=order) as m:
+        k, d = m.k, m.daemon
+        assert k.getattr(k.root).va["mode"] == 0o755
+        r = k.lookup(k.root, "f")
+        assert r.rv == 0 and r.vtype == VREG and r.size == len(data)
+        assert (r.va["mode"], r.va["nlink"], r.va["fileid"]) == (0o644, 1, 10)
+        c = r.newnode
+        assert k.open(c, FREAD | FWRITE).rv == 0
+        assert k.read(c, 1000, 3000).data == data[1000:4000]
+        assert k.write(c, 70000, b"written").rv == 0
+        assert written[-1] == (70000, b"written")
+        r = k.setattr(c, size=5, mode=0o600)
+        assert r.rv == 0 and written[-1][2:] == (5, stat.S_IFREG | 0o600) and r.va["size"] == 5
+        assert [(n, i, t) for n, i, t in k.listdir(k.root)] == [("f", 10, 8), ("sub", 11, 4)]
+        sv = k.statvfs()
+        assert sv.rv == 0 and sv.namemax == 255 and sv.sb[4:6] == (100, 50)
+        r = k.getextattr(c, "a", 5)
+        assert r.rv == 0 and r.data == b"vvvvv"
+        flushes = len(k.server_frames)          # the truncate's write-back and drop
+        d.notify(2, struct.pack(order + "Qqq", 10, 4096, 8192))          # INVAL_INODE
+        assert wait_for(lambda: len(k.server_frames) == flushes + 1)
+        assert struct.unpack_from("<Qi4xqq", k.server_frames[-1].frame, 56) == (c, 3, 4096, 12288)
+
+
 # ===========================================================================
 # Tests: the PUFFS wire (test kernel)
 #
@@ -2880,9 +3156,128 @@ def test_pyfuse3_readdirplus_only_daemon(tmp_path):
         assert wait_for(lambda: outstanding() == []), outstanding()
 
 
-def test_access_is_checked_on_cached_attributes_by_default():
+def socketpair_of(uid, gid):
+    """A FUSE socketpair whose peer credentials are uid's, as when a user's
+    daemon connects: made by a child process that became uid."""
+    carrier, child_end = socket.socketpair()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setgid(gid)
+            os.setuid(uid)
+            pair = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            socket.send_fds(child_end, [b"x"], [s.fileno() for s in pair])
+        finally:
+            os._exit(0)
+    _, fds, _, _ = socket.recv_fds(carrier, 1, 2)
+    os.waitpid(pid, 0)
+    carrier.close()
+    child_end.close()
+    return tuple(socket.socket(fileno=fd) for fd in fds)
+
+
+def users_mount_point(tmp_path, uid=1000, gid=1000):
+    target = tmp_path / "mnt"
+    target.mkdir(parents=True)
+    os.chown(str(target), uid, gid)
+    return str(target)
+
+
+def mount_status(pair, target, data, **options):
+    """serve_connection's exit status for a mount request that is refused
+    before FUSE_INIT (the daemon end sends the request only)."""
+    relay_end, daemon_end = pair
+    daemon_end.sendall(mount_request("fake", target, "fake", 0, "fd=3," + data))
+    with daemon_end:
+        return perfused.serve_connection(relay_end, device=TestKernel().device, **options)
+
+
+def test_only_the_mounts_owner_is_served_unless_allow_other(caplog):
+    """Linux's rule: others get EACCES before anything reaches the daemon;
+    the kernel's own requests always pass; with allow_other everyone is
+    served and the kernel may cache names and attributes again."""
+    import logging
+    caplog.set_level(logging.WARNING, logger="perfused")
+    tree = {"f": (10, 0o100644, 100), "d": (11, 0o40755, 0)}
+    user = kcred(1000, 1000)
+    with FakeMount({"LOOKUP": names_handler(tree), "READ": lambda h, b: b"x" * 100}) as m:
+        k, d = m.k, m.daemon
+        # nothing cached by the kernel: names (NOCACHE_NAME) nor attributes (no CACHE_FS_TTL)
+        assert struct.unpack_from("<I", k.kargs, 8)[0] == 0x209
+        c = k.lookup(k.root, "f").newnode                    # the owner (root here)
+        assert k.open(c, FREAD).rv == 0 and k.read(c, 0, 100).rv == 0
+        asked = len(d.requests)
+        assert k.lookup(k.root, "f", cred=user).rv == NB["EACCES"]
+        assert k.getattr(c, cred=user).rv == NB["EACCES"]
+        assert k.getattr(k.root, cred=user).rv == NB["EACCES"]
+        assert k.access(c, 4, cred=user).rv == NB["EACCES"]
+        assert k.open(c, FREAD, cred=user).rv == NB["EACCES"]
+        assert k.read(c, 0, 10, cred=user).rv == NB["EACCES"]
+        assert len(d.requests) == asked                      # the daemon saw none of it
+        assert [r.getMessage() for r in caplog.records if "refusing" in r.getMessage()] == [
+            "refusing uid 1000 on uid 0's mount (mount option allow_other lets it in)"]
+        # the kernel's own: page-cache I/O, INACTIVE, RECLAIM, VFS_SYNC
+        r = k.send(OPCLASS_VN, VN["GETATTR"], c, kcred(internal=0) + bytes(4) + vattr() + bytes(16))
+        assert r.rv == 0
+        assert k.inactive(c).rv == 0 and k.sync().rv == 0
+    with FakeMount({"LOOKUP": names_handler(tree)}, data="allow_other") as m:
+        k = m.k
+        assert struct.unpack_from("<I", k.kargs, 8)[0] == 0x288
+        c = k.lookup(k.root, "f", cred=user).newnode
+        assert k.getattr(c, cred=user).rv == 0
+        assert [h["uid"] for h, _ in m.daemon.seen("LOOKUP")] == [1000]
+
+
+def test_root_needs_allow_root_on_a_users_mount(tmp_path):
+    policy = tmp_path / "fuse.conf"
+    policy.write_text("# as fusermount reads it\nuser_allow_other\n")
+    for data, root_served in (("", False), ("allow_root", True), ("allow_other", True)):
+        target = users_mount_point(tmp_path / data) if data else users_mount_point(tmp_path)
+        with FakeMount({"LOOKUP": names_handler({"f": (10, 0o100644, 1)})}, data=data,
+                       pair=socketpair_of(1000, 1000), target=target,
+                       options={"policy_file": str(policy)}) as m:
+            k = m.k
+            assert m.k.mount_flags & 0x18 == 0x18                # nosuid, nodev forced
+            owner = kcred(1000, 1000)
+            assert k.lookup(k.root, "f", cred=owner).rv == 0
+            assert (k.lookup(k.root, "f").rv == 0) is root_served, data
+            assert (k.lookup(k.root, "f", cred=kcred(1001, 1001)).rv == 0) is (
+                data == "allow_other"), data
+
+
+def test_allow_other_and_mount_max_follow_the_policy_file(tmp_path, caplog):
+    """A user may say allow_other or allow_root only where /etc/fuse.conf
+    says user_allow_other (a missing file says no), and holds at most
+    mount_max mounts; root is never limited.  Refusals exit 77, logged."""
+    target = users_mount_point(tmp_path)
+    missing, policy = tmp_path / "none.conf", tmp_path / "fuse.conf"
+    for option in ("allow_other", "allow_root"):
+        assert mount_status(socketpair_of(1000, 1000), target, option,
+                            policy_file=str(missing)) == 77
+        assert "option %s needs user_allow_other in %s" % (option, missing) in caplog.text
+    policy.write_text("mount_max = 2\n")
+    assert mount_status(socketpair_of(1000, 1000), target, "allow_other",
+                        policy_file=str(policy)) == 77
+    held = {1000: 2}
+    assert mount_status(socketpair_of(1000, 1000), target, "", policy_file=str(policy),
+                        mounts_of=held.get) == 77
+    assert "uid 1000: 2 mounts held, mount_max 2" in caplog.text
+    assert mount_status(socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET), target,
+                        "allow_root,allow_other", policy_file=str(policy)) == 77
+    assert "exclude each other" in caplog.text
+    # one below mount_max, and root with any number: mounted
+    held = {1000: 1, 0: 5000}
+    with FakeMount(pair=socketpair_of(1000, 1000), target=target,
+                   options={"policy_file": str(policy), "mounts_of": held.get}) as m:
+        assert m.k.mount_target == target
+    with FakeMount(options={"policy_file": str(missing), "mounts_of": held.get},
+                   data="allow_other"):
+        pass
+
+
+def test_with_default_permissions_perfused_checks_mode_bits():
     tree = {"secret": (10, 0o100600, 1), "pub": (11, 0o100644, 1), "sub": (12, 0o40700, 0)}
-    with FakeMount({"LOOKUP": names_handler(tree)}) as m:
+    with FakeMount({"LOOKUP": names_handler(tree)}, data="allow_other,default_permissions") as m:
         k = m.k
         s = k.lookup(k.root, "secret").newnode
         p = k.lookup(k.root, "pub").newnode
@@ -2895,6 +3290,32 @@ def test_access_is_checked_on_cached_attributes_by_default():
         assert k.access(p, 0o400, cred=user).rv == 0                # accmode encoding
         assert k.lookup(sub, "x", cred=user).rv == NB["EACCES"]   # no search permission
         assert not m.daemon.seen("ACCESS")
+
+
+def test_without_default_permissions_the_daemon_decides():
+    """As on Linux: ACCESS goes to the daemon (allowed when it has none),
+    lookups and opens are its to refuse."""
+    tree = {"secret": (10, 0o100600, 1), "sub": (12, 0o40700, 0)}
+    verdicts = {10: -errno.EACCES}
+
+    def access(h, b):
+        return verdicts.get(h["nodeid"], b"")
+    with FakeMount({"LOOKUP": names_handler(tree), "ACCESS": access}, data="allow_other") as m:
+        k, d = m.k, m.daemon
+        user = kcred(1000, 100)
+        s = k.lookup(k.root, "secret").newnode
+        sub = k.lookup(k.root, "sub").newnode
+        assert k.access(s, 4, cred=user).rv == NB["EACCES"]         # the daemon said so
+        h, b = d.seen("ACCESS")[-1]
+        assert (h["uid"], struct.unpack_from("<I", b)[0]) == (1000, os.R_OK)
+        assert k.access(sub, 1, cred=user).rv == 0
+        assert k.lookup(sub, "x", cred=user).rv == NB["ENOENT"]   # asked, not refused here
+        assert d.seen("LOOKUP")[-1][0]["uid"] == 1000
+    with FakeMount({"LOOKUP": names_handler(tree)}, data="allow_other") as m:
+        s = m.k.lookup(m.k.root, "secret").newnode
+        assert m.k.access(s, 4, cred=kcred(1000, 100)).rv == 0       # no ACCESS: allowed
+        assert m.k.access(s, 2, cred=kcred(1000, 100)).rv == 0
+        assert len(m.daemon.seen("ACCESS")) == 1                    # and not asked again
 
 
 def test_posix_locks_are_translated_with_netbsd_numbers():
@@ -2958,8 +3379,8 @@ def test_hello_ll_mounts_and_serves_its_file():
         k = m.k
         kargs = k.kargs
         assert struct.unpack_from("<I", kargs, 0)[0] == 30
-        # WTCACHE | CACHE_FS_TTL | NOFLUSH_META
-        assert struct.unpack_from("<I", kargs, 8)[0] == 0x288
+        # WTCACHE | NOFLUSH_META | NOCACHE_NAME: its owner's alone, nothing cached
+        assert struct.unpack_from("<I", kargs, 8)[0] == 0x209
         assert kargs[122:122 + 14] == b"perfuse|hello\0"
         assert kargs[154:154 + 10] == b"/dev/fuse\0"
         assert struct.unpack_from("<i", kargs, 1192)[0] == VDIR
@@ -3164,8 +3585,10 @@ def test_netbsd_squashfuse(netbsd, tmp_path, daemon):
     exe = need(daemon)
     tree = make_tree(tmp_path / "src")
     img = squashfs_image(tmp_path, tree)
+    # squashfuse's mount serves everyone, so the kernel caches names and
+    # attributes; squashfuse_ll's serves its owner only, and nothing is cached
     with netbsd_mounted(netbsd, lambda fd: [exe, "-f", img, fd], fstype="squashfuse",
-                        source=img) as m:
+                        source=img, data="allow_other" if daemon == "squashfuse" else None) as m:
         check_read_only_semantics(m.p, m.target, str(tree), dirent_ino=False)
         sv = m.p.statvfs(m.target)
         assert sv["f_namemax"] == 256 and sv["f_fstypename"] == b"puffs|perfuse|squashfuse"
@@ -3179,7 +3602,9 @@ def test_netbsd_libfuse3_passthrough(netbsd, tmp_path, example):
     # passthrough_ll serves its source=; passthrough_fh the host's / (the
     # backing directory is then that path below the mount)
     opts = ["-o", "source=%s,xattr" % backing] if example == "passthrough_ll" else []
-    with netbsd_mounted(netbsd, lambda fd: [exe, "-f"] + opts + [fd], fstype=example) as m:
+    # cached by the kernel (allow_other) for passthrough_ll, uncached for passthrough_fh
+    with netbsd_mounted(netbsd, lambda fd: [exe, "-f"] + opts + [fd], fstype=example,
+                        data="allow_other" if opts else None) as m:
         top = m.target if opts else m.path(str(backing).lstrip("/"))
         check_read_only_semantics(m.p, top, str(backing), dirent_ino=bool(opts))
         for name in os.listdir(backing):
@@ -3316,7 +3741,8 @@ def test_netbsd_pyfuse3_reusing_inode_numbers(netbsd, tmp_path):
     py = need_pyfuse3()
     script = tmp_path / "memfs.py"
     script.write_text(PYFUSE3_MEMFS)
-    with netbsd_mounted(netbsd, lambda fd: [py, str(script), fd], fstype="memfs") as m:
+    with netbsd_mounted(netbsd, lambda fd: [py, str(script), fd], fstype="memfs",
+                        data="allow_other") as m:        # vnodes cached: incarnations meet
         p, top = m.p, m.target
         p.writefile(top + "/a", b"first")
         fd = p.open(top + "/a", rk.O_RDONLY)        # the kernel holds a's vnode
@@ -3340,6 +3766,40 @@ def test_netbsd_pyfuse3_reusing_inode_numbers(netbsd, tmp_path):
             hardlinks=False, symlinks=False, xattrs=False, chown=False, fifo=False, locks=False))
         for seed in seeds([8]):
             check_random_operations(p, top, seed)
+
+
+def test_netbsd_other_users_refused_on_every_path_the_owner_just_used(netbsd, tmp_path):
+    """NetBSD checks no permission on what it caches for a PUFFS mount:
+    perfused has it cache nothing on a mount that refuses someone, so
+    another uid fails to stat, list, open or read what the owner has just
+    read; with allow_other it is served from the caches."""
+    exe = libfuse3_example("passthrough_ll")
+    backing = make_tree(tmp_path / "backing")
+    other = netbsd.proc(uid=1000, gid=1000)
+    for data in (None, "allow_other"):
+        with netbsd_mounted(netbsd, lambda fd: [exe, "-f", "-o", "source=%s" % backing, fd],
+                            fstype="passthrough_ll", data=data) as m:
+            p, top = m.p, m.target
+            files = [rel for rel, (kind, _) in host_walk(str(backing)).items() if kind == "file"]
+            rel = sorted(files)[0]
+            want = (backing / rel).read_bytes()
+            assert p.readfile(top + "/" + rel) == want        # the owner: cached now
+            p.stat(top + "/" + rel)
+            p.listdir(top)
+            attempts = {
+                "stat": lambda: other.stat(top + "/" + rel),
+                "stat of the root": lambda: other.stat(top),
+                "list": lambda: other.listdir(top),
+                "open": lambda: other.close(other.open(top + "/" + rel, rk.O_RDONLY)),
+                "read": lambda: other.readfile(top + "/" + rel),
+            }
+            for what, attempt in attempts.items():
+                if data is None:
+                    assert nb_errno(attempt) == NB_ERR["EACCES"], what
+                else:
+                    assert nb_errno(attempt) is None, what
+            if data:
+                assert other.readfile(top + "/" + rel) == want
 
 
 # ===========================================================================
