@@ -583,7 +583,9 @@ class Gather:
 
 
 def timespec_of(sec, nsec):
-    return Timespec(min(sec, 0x7FFFFFFFFFFFFFFF), nsec)
+    """A daemon's time as the kernel's: what a 64-bit time_t and a
+    normalized tv_nsec hold."""
+    return Timespec(min(sec, 0x7FFFFFFFFFFFFFFF), min(nsec, 999999999))
 
 
 # The kernel keeps name and attribute TTLs as 32-bit tick counts: a longer
@@ -2155,8 +2157,10 @@ def op_advlock(relay, req):
         lock = LK_OUT.unpack_from(payload)
         fl.l_type = LOCK_TYPE_TO_NETBSD.get(lock.type, NB_F_UNLCK)
         if fl.l_type != NB_F_UNLCK:
-            fl.l_start, fl.l_whence, fl.l_pid = lock.start, SEEK_SET, lock.pid
-            fl.l_len = 0 if lock.end >= OFFSET_MAX else lock.end - lock.start + 1
+            # off_t and pid_t are signed: what the daemon says beyond them is clamped
+            start = min(lock.start, OFFSET_MAX)
+            fl.l_start, fl.l_whence, fl.l_pid = start, SEEK_SET, min(lock.pid, 0x7FFFFFFF)
+            fl.l_len = 0 if lock.end >= OFFSET_MAX else max(lock.end - start + 1, 0)
 
 
 # --- extended attributes ----------------------------------------------------------

@@ -1150,7 +1150,17 @@ def wait_for(pred, timeout=10):
 EXACT_FORGETS = {"keep_unheld": 0}
 
 
-# --- pyfuse3: a READDIRPLUS-only daemon ---------------------------------------
+# --- pyfuse3 daemons --------------------------------------------------------------
+# The end of every pyfuse3 daemon script below: serve the channel given as argv[1].
+PYFUSE3_MAIN = '''
+pyfuse3.init(Fs(), sys.argv[1], set(["fsname=%s"]))
+try:
+    trio.run(pyfuse3.main)
+finally:
+    pyfuse3.close(unmount=False)
+'''
+
+# A READDIRPLUS-only daemon.
 PYFUSE3_FS = r'''
 import errno, os, stat, sys
 import pyfuse3, trio
@@ -1212,13 +1222,7 @@ def count(ino, n):
     with open(sys.argv[2] + ".tmp", "w") as f:
         f.write(repr(sorted(LOOKUPS.items())))
     os.rename(sys.argv[2] + ".tmp", sys.argv[2])
-
-pyfuse3.init(Fs(), sys.argv[1], set(["fsname=pyfs"]))
-try:
-    trio.run(pyfuse3.main)
-finally:
-    pyfuse3.close(unmount=False)
-'''
+''' + PYFUSE3_MAIN % 'pyfs'
 
 
 def need_pyfuse3():
@@ -1355,13 +1359,7 @@ class Fs(pyfuse3.Operations):
             ino = self.nodes[fh].entries[name]
             if not pyfuse3.readdir_reply(token, name, self.attr(ino), i):
                 return
-
-pyfuse3.init(Fs(), sys.argv[1], set(["fsname=memfs"]))
-try:
-    trio.run(pyfuse3.main)
-finally:
-    pyfuse3.close(unmount=False)
-'''
+''' + PYFUSE3_MAIN % 'memfs'
 
 
 def free_port():
@@ -2559,11 +2557,18 @@ def test_sizes_modes_and_errors_the_kernel_cannot_take_are_refused():
             return fuse_entry(10, 0o100644, size=(1 << 64) - 1)
         if name == b"typeless":
             return fuse_entry(11, 0o000644)
+        if name == b"future":       # times and timeouts beyond what NetBSD holds
+            far, nsec = (1 << 64) - 1, 0xFFFFFFFF
+            return struct.pack("<QQQQII", 12, 0, far, far, nsec, nsec) + struct.pack(
+                "<QQQQQQIIIIIIIIII", 12, 1, 1, far, 5, 6, nsec, 7, 8, 0o100644, 1, 0, 0, 0, 512, 0)
         return -(1 << 31)
     with FakeMount({"LOOKUP": lookup}, EXACT_FORGETS) as m:
         k = m.k
         r = k.lookup(k.root, "huge")
         assert r.rv == 0 and r.size == (1 << 63) - 1 and r.va["size"] == (1 << 63) - 1
+        r = k.lookup(k.root, "future")
+        assert r.rv == 0 and r.va["atime"] == ((1 << 63) - 1, 999999999)
+        assert r.va["mtime"] == (5, 7) and r.va_ttl == r.cn_ttl == (86400, 0)
         assert k.lookup(k.root, "typeless").rv == NB["EIO"]
         assert wait_for(lambda: m.daemon.seen("FORGET"))
         assert m.daemon.seen("FORGET")[0][0]["nodeid"] == 11
