@@ -924,6 +924,7 @@ class Session:
         # allow_root, everyone with allow_other.
         self.allow_other = bool(options.get("allow_other"))
         self.allow_root = bool(options.get("allow_root"))
+        self.daemon_timeout = options.get("daemon_timeout", 0)   # seconds; 0: wait forever
         self._refused_uids = set()
         popts = parse_perfuse_options(perfuse_options)
         # Mode bits checked by perfused (default_permissions), or decisions
@@ -2383,11 +2384,38 @@ class InFlight:
     """A FUSE request awaiting its reply: the translator to resume, or a
     detached request whose reply is only logged, or one member of a Gather."""
 
-    __slots__ = ("gen", "req", "fuse", "gather", "index", "node")
+    __slots__ = ("gen", "req", "fuse", "gather", "index", "node", "sent")
 
     def __init__(self, gen, req, fuse, gather=None, index=0, node=None):
         self.gen, self.req, self.fuse = gen, req, fuse
         self.gather, self.index, self.node = gather, index, node
+        self.sent = 0.0         # when it went to the daemon (daemon_timeout)
+
+
+class AbortSwitch:
+    """How an administrator's request to abort a mount (SIGTERM to the
+    serving process, perfused -a) reaches the relay loop: pull() is safe in
+    a signal handler or another thread; the loop watches fileno()."""
+
+    def __init__(self):
+        self._r, self._w = os.pipe()
+        os.set_blocking(self._r, False)
+        os.set_blocking(self._w, False)
+        self.why = None
+
+    def fileno(self):
+        return self._r
+
+    def pull(self, why):
+        self.why = self.why or why
+        try:
+            os.write(self._w, b"!")
+        except BlockingIOError:
+            pass
+
+    def close(self):
+        os.close(self._r)
+        os.close(self._w)
 
 
 class Relay:
@@ -2422,6 +2450,8 @@ class Relay:
         self.flush_id = OUR_REQUEST_IDS
         self.daemon_gone = self.kernel_gone = self.unmounting = False
         self.unmount_requested = 0.0    # when we asked the kernel to unmount
+        self.abort_switch = options.get("abort")
+        self.aborted = None             # why the mount was aborted, if it was
         self._spare = []                # large reply buffers to reuse
 
     # --- the FUSE side ---------------------------------------------------
@@ -2434,6 +2464,7 @@ class Relay:
         record = freq.pack(unique)
         if inflight is not None:
             inflight.fuse = freq
+            inflight.sent = time.monotonic()
             self.inflight[unique] = inflight
         if self.debug.fuse:
             why = "no reply" if inflight is None else (
@@ -2572,6 +2603,29 @@ class Relay:
         self.daemon_gone = True
         self.fail_inflight(errno.ENXIO)
         self.request_unmount()
+
+    def abort(self, why):
+        """Linux's connection abort: everything in flight and all that
+        follows fails, the kernel is asked to unmount (forcibly, as PUFFS
+        does it), and the daemon sees its channel closed."""
+        if self.daemon_gone:
+            return
+        LOG.error("aborting the mount: %s", why)
+        self.aborted = why
+        self.daemon_died("aborted")
+        try:
+            self.channel.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def overdue(self):
+        """The seconds until the oldest request in flight passes the mount's
+        daemon_timeout (None: no limit, or nothing in flight); 0 when it has."""
+        limit = self.session.daemon_timeout
+        if not limit or not self.inflight or self.daemon_gone:
+            return None
+        oldest = next(iter(self.inflight.values()))     # dicts keep the order of sending
+        return max(0.0, oldest.sent + limit - time.monotonic())
 
     # --- the kernel side -------------------------------------------------
 
@@ -2815,6 +2869,8 @@ class Relay:
         self.channel.sock.setblocking(False)
         sel.register(dev_fd, selectors.EVENT_READ, "dev")
         sel.register(chan_fd, selectors.EVENT_READ, "fuse")
+        if self.abort_switch is not None:
+            sel.register(self.abort_switch.fileno(), selectors.EVENT_READ, "abort")
         dev_mask = chan_mask = selectors.EVENT_READ
         try:
             while not self.kernel_gone:
@@ -2822,8 +2878,16 @@ class Relay:
                         time.monotonic() - self.unmount_requested > UNMOUNT_PATIENCE:
                     LOG.warning("kernel did not unmount: closing the device")
                     break
-                for key, mask in sel.select(1.0 if self.daemon_gone else None):
-                    if key.data == "dev":
+                wait = self.overdue()
+                if wait == 0:
+                    self.abort("no answer from the daemon within daemon_timeout=%g s"
+                               % self.session.daemon_timeout)
+                    continue
+                for key, mask in sel.select(1.0 if self.daemon_gone else wait):
+                    if key.data == "abort":
+                        sel.unregister(key.fd)
+                        self.abort(self.abort_switch.why or "requested")
+                    elif key.data == "dev":
                         if mask & selectors.EVENT_WRITE:
                             self._flush_device()
                         if mask & selectors.EVENT_READ:
@@ -3016,7 +3080,8 @@ class Trace:
 # ---------------------------------------------------------------------------
 
 # sysexits(3)
-EX_OK, EX_USAGE, EX_SOFTWARE, EX_OSERR, EX_PROTOCOL, EX_NOPERM = 0, 64, 70, 71, 76, 77
+EX_OK, EX_USAGE, EX_UNAVAILABLE, EX_SOFTWARE, EX_OSERR, EX_PROTOCOL, EX_NOPERM = \
+    0, 64, 69, 70, 71, 76, 77
 
 
 
@@ -3106,8 +3171,9 @@ def read_mount_request(sock, timeout=30.0):
 
 def mount_options(data):
     """The mount options perfused acts on, from the request's comma list:
-    allow_other, allow_root, default_permissions (True when given) and
-    max_read=N (the largest READ reply the daemon's socket buffer takes;
+    allow_other, allow_root, default_permissions (True when given),
+    daemon_timeout=N (seconds a request may wait for the daemon before the
+    mount is aborted) and max_read=N (the largest READ reply the daemon's socket buffer takes;
     without it 128 KiB, which a default-sized socket carries and which the
     NetBSD kernel never exceeds anyway).  Others are the daemon's."""
     out = {}
@@ -3119,6 +3185,14 @@ def mount_options(data):
             try:
                 out[name] = max(PAGE_SIZE, min(int(value, 0), MAX_READ_LIMIT))
             except ValueError:
+                LOG.warning("ignoring mount option %r", opt)
+        elif name == "daemon_timeout":
+            try:
+                out[name] = float(value)
+                if not 0 < out[name] < 1e9:
+                    raise ValueError
+            except ValueError:
+                out.pop(name, None)
                 LOG.warning("ignoring mount option %r", opt)
     return out
 
@@ -3285,7 +3359,9 @@ def serve_connection(sock, device=None, **options):
     sysexits(3) sense (0 on a normal end).  Thread safe: touches no process
     state.  Options: debug (Debug), trace (Trace), perfuse_options (str),
     bufsize, max_read, puffs_flags, keep_unheld, policy_file (instead of
-    /etc/fuse.conf), mounts_of (uid -> mounts held, for mount_max).
+    /etc/fuse.conf), mounts_of (uid -> mounts held, for mount_max), abort
+    (an AbortSwitch), announce (called with the mount point once mounted).
+    An aborted mount (the switch, daemon_timeout) ends with EX_UNAVAILABLE.
     """
     relay = None
     channel = None
@@ -3313,6 +3389,7 @@ def serve_connection(sock, device=None, **options):
         except Refused as e:
             LOG.error("%s", e)
             return e.status
+        options.get("announce", lambda target: None)(mreq.target)
         LOG.info("mounted %s on %s for uid %d (pid %d)", mreq.source, mreq.target, uid, pid)
         try:
             relay.run()
@@ -3321,7 +3398,7 @@ def serve_connection(sock, device=None, **options):
             return EX_SOFTWARE
         finally:
             relay.shutdown()
-        return EX_OK
+        return EX_UNAVAILABLE if relay.aborted else EX_OK
     finally:
         if relay is not None and not relay.daemon_gone and not relay.unmounting:
             try:     # the kernel went away without an UNMOUNT: tell the daemon
@@ -3342,14 +3419,14 @@ def serve_connection(sock, device=None, **options):
 # 10. Daemon and command line: perfused [-fs] [-d types] [-i fd]
 # ---------------------------------------------------------------------------
 
-USAGE = "usage: perfused [-fs] [-d types] [-i fd]"
+USAGE = "usage: perfused [-fs] [-a mountpoint] [-d types] [-i fd]"
 
 
 def main(argv=None):
     import getopt
     argv = sys.argv[1:] if argv is None else argv
     try:
-        opts, args = getopt.getopt(argv, "fsd:i:")
+        opts, args = getopt.getopt(argv, "fsa:d:i:")
     except getopt.GetoptError as e:
         print("perfused: %s\n%s" % (e, USAGE), file=sys.stderr)
         return EX_USAGE
@@ -3359,6 +3436,8 @@ def main(argv=None):
     foreground, toggle_signal, inherited_fd, types = False, False, None, []
     try:
         for opt, val in opts:
+            if opt == "-a":
+                return abort_mount(val)
             if opt == "-f":
                 foreground = True
                 types.append("misc")
@@ -3385,9 +3464,59 @@ def main(argv=None):
         comfd = int(os.environ["PUFFS_COMFD"])
         device = PuffsDevice(comfd, comfd_mount(comfd))
     if inherited_fd is not None:
-        return serve_connection(socket.socket(fileno=inherited_fd), device,
-                                debug=debug, trace=trace)
+        return serve_abortable(socket.socket(fileno=inherited_fd), device,
+                               debug=debug, trace=trace)
     return listen_forever(debug, trace, foreground, device)
+
+
+def run_file(target, kind):
+    """/var/run/perfused-<mount point>.<kind>: the trace, and the pid of the
+    process serving the mount (which perfused -a reads)."""
+    name = os.path.normpath(os.path.abspath(target)).strip("/").replace("/", "-")
+    return "/var/run/perfused-%s.%s" % (name or "root", kind)
+
+
+def serve_abortable(conn, device=None, **options):
+    """serve_connection as a serving process runs it: SIGTERM aborts the
+    mount, and the pid file names this process to perfused -a."""
+    switch = AbortSwitch()
+    written = []
+
+    def announce(target):
+        path = run_file(target, "pid")
+        try:
+            with open(path + ".tmp", "w") as f:
+                f.write("%d\n" % os.getpid())
+            os.replace(path + ".tmp", path)
+            written.append(path)
+        except OSError as e:
+            LOG.warning("%s: %s", path, e.strerror)
+    signal.signal(signal.SIGTERM, lambda *_: switch.pull("SIGTERM"))
+    try:
+        return serve_connection(conn, device, abort=switch, announce=announce, **options)
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        for path in written:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        switch.close()
+
+
+def abort_mount(target):
+    """perfused -a: abort the mount on target, as Linux's connection abort
+    does: its requests fail, the kernel unmounts it, its daemon sees EOF."""
+    path = run_file(target, "pid")
+    try:
+        with open(path) as f:
+            pid = int(f.read())
+        os.kill(pid, signal.SIGTERM)
+    except (OSError, ValueError) as e:
+        print("perfused: no perfused serves %s (%s)" % (target, getattr(e, "strerror", e)),
+              file=sys.stderr)
+        return EX_UNAVAILABLE
+    return EX_OK
 
 
 def setup_logging(foreground, verbose):
@@ -3419,7 +3548,7 @@ def install_signals(debug, trace, toggle_signal):
         if trace.enabled:
             LOG.info("trace recording")
         else:
-            path = "/var/run/perfused-%s.trace" % (trace.target.strip("/").replace("/", "-") or "root")
+            path = run_file(trace.target or "/", "trace")
             try:
                 with open(path + ".tmp", "w") as f:     # readers never see half a trace
                     f.write(trace.report())
@@ -3489,7 +3618,7 @@ def listen_forever(debug, trace, foreground, device=None):
         except InterruptedError:
             continue
         if foreground:
-            serve_connection(conn, device, debug=debug, trace=trace)
+            serve_abortable(conn, device, debug=debug, trace=trace)
             continue
         try:
             uid = peer_credentials(conn)[1]
@@ -3500,7 +3629,7 @@ def listen_forever(debug, trace, foreground, device=None):
             listener.close()
             code = EX_SOFTWARE
             try:
-                code = serve_connection(conn, debug=debug, trace=trace, mounts_of=lambda u: sum(
+                code = serve_abortable(conn, debug=debug, trace=trace, mounts_of=lambda u: sum(
                     1 for held in serving.values() if held == u))
             finally:
                 os._exit(code)

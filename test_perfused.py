@@ -3870,6 +3870,108 @@ def test_kernel_going_away_sends_destroy_and_closes_the_socket():
     assert wait_for(lambda: not m.daemon.thread.is_alive())      # EOF reached it
 
 
+def hung_lookup(m):
+    """A LOOKUP the daemon never answers, sent without waiting."""
+    return m.k.send(OPCLASS_VN, VN["LOOKUP"], m.k.root,
+                    kcn("slow") + kcred() + bytes(1432 - 56 - 1048 - 84), wait=False)
+
+
+def check_aborted(m, rid, status=69):
+    """What an abort leaves: the request failed, perfused asked the kernel
+    to unmount, later requests fail at once, the daemon saw its channel
+    close, serve_connection ended with EX_UNAVAILABLE."""
+    k = m.k
+    assert k.wait(rid).rv == NB["ENXIO"]
+    assert wait_for(lambda: any(f.opclass & 7 == OPCLASS_UNMOUNT for f in k.server_frames))
+    assert k.getattr(k.root).rv == NB["ENXIO"]
+    m.daemon.thread.join(10)
+    assert not m.daemon.thread.is_alive()              # EOF on the daemon's end
+    assert k.unmount(0x80000).rv == 0                  # the kernel's forced unmount
+    k.close_device()
+    m.thread.join(10)
+    assert not m.thread.is_alive() and m.result == status
+    k.check()
+
+
+def test_daemon_timeout_aborts_a_mount_whose_daemon_stopped_answering():
+    """daemon_timeout=N: a request unanswered for N seconds aborts the
+    mount; a slow daemon that does answer in time is left alone."""
+    def slow_getattr(h, b):
+        time.sleep(0.6)
+        return struct.pack("<QII", 1, 0, 0) + fuse_attr(1, 0o40755)
+    m = FakeMount({"LOOKUP": lambda h, b: None, "GETATTR": slow_getattr}, data="daemon_timeout=1")
+    assert m.k.getattr(m.k.root).rv == 0 and m.k.getattr(m.k.root).rv == 0
+    started = time.monotonic()
+    rid = hung_lookup(m)
+    check_aborted(m, rid)
+    assert 0.9 < time.monotonic() - started < 5
+
+
+def test_an_abort_switch_fails_everything_in_flight_and_unmounts():
+    switch = perfused.AbortSwitch()
+    m = FakeMount({"LOOKUP": lambda h, b: None}, options={"abort": switch})
+    rid = hung_lookup(m)
+    assert wait_for(lambda: m.daemon.seen("LOOKUP"))
+    switch.pull("an administrator")
+    check_aborted(m, rid)
+    switch.close()
+
+
+def test_perfused_dash_a_aborts_the_mount_on_a_mount_point(tmp_path):
+    """perfused -a finds the process serving a mount point (its pid file)
+    and has it abort the mount; the daemon behind sees EOF and exits."""
+    target = "/perfused-abort-%d" % os.getpid()
+    k, relay, daemon = hello_behind_perfused_dash_i(target, [], subprocess.PIPE)
+    try:
+        assert k.mounted.wait(20)
+        assert wait_for(lambda: os.path.exists("/var/run/perfused%s.pid" % target.replace("/", "-")))
+        assert k.lookup(k.root, "hello").rv == 0
+        r = subprocess.run(PERFUSED + ["-a", target], capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0, r.stderr
+        assert wait_for(lambda: any(f.opclass & 7 == OPCLASS_UNMOUNT for f in k.server_frames))
+        daemon.wait(20)                 # EOF: hello_ll exits (TimeoutExpired if not)
+        assert k.getattr(k.root).rv == NB["ENXIO"]
+        assert k.unmount(0x80000).rv == 0
+        k.close_device()
+        assert relay.wait(20) == 69
+        assert b"aborting the mount: SIGTERM" in relay.stderr.read()
+        assert not os.path.exists("/var/run/perfused%s.pid" % target.replace("/", "-"))
+        r = subprocess.run(PERFUSED + ["-a", target], capture_output=True, text=True, timeout=30)
+        assert r.returncode == 69 and "no perfused serves %s" % target in r.stderr
+    finally:
+        for p in (relay, daemon):
+            if p.poll() is None:
+                p.kill()
+    k.check()
+
+
+def test_netbsd_a_stopped_daemon_is_aborted_by_daemon_timeout(netbsd, tmp_path):
+    """Through NetBSD's kernel: with the daemon stopped (SIGSTOP), a stat(2)
+    fails after daemon_timeout instead of hanging forever, the kernel
+    unmounts, and the daemon, let go on, finds its channel closed."""
+    exe = libfuse3_example("passthrough_ll")
+    backing = make_tree(tmp_path / "backing")
+    m = NetBSDMount(netbsd, lambda fd: [exe, "-f", "-o", "source=%s" % backing, fd],
+                    fstype="passthrough_ll", data="daemon_timeout=2")
+    try:
+        name = sorted(os.listdir(str(backing)))[0]
+        m.p.stat(m.path(name))
+        os.killpg(m.proc.pid, signal.SIGSTOP)
+        assert wait_for(lambda: all_threads_stopped(m.proc.pid))
+        started = time.monotonic()
+        assert nb_errno(m.p.stat, m.path("not-" + name)) == NB_ERR["ENXIO"]
+        assert 1.5 < time.monotonic() - started < 10
+        m.thread.join(30)
+        assert not m.thread.is_alive() and m.result == 69
+        # the kernel unmounted it: the mount point is the directory beneath again
+        assert not m.p.statvfs(m.target)["f_fstypename"].startswith(b"puffs")
+        os.killpg(m.proc.pid, signal.SIGCONT)
+        m.proc.wait(20)
+        m.check()
+    finally:
+        m.abort()
+
+
 # ===========================================================================
 # Tests: the command line (perfused(8)) and libperfuse
 # ===========================================================================
@@ -3879,28 +3981,35 @@ def test_kernel_going_away_sends_destroy_and_closes_the_socket():
 def test_usage_errors_exit_64_with_the_usage_line(args):
     r = subprocess.run(PERFUSED + args, capture_output=True, text=True, timeout=30)
     assert r.returncode == 64
-    assert "usage: perfused [-fs] [-d types] [-i fd]" in r.stderr
+    assert "usage: perfused [-fs] [-a mountpoint] [-d types] [-i fd]" in r.stderr
 
 
-def test_perfused_dash_i_serves_a_mount_and_writes_a_trace(tmp_path):
-    """perfused -i fd in its own process, the device handed over through
-    PUFFS_COMFD, hello_ll behind it; SIGUSR1 twice writes the trace."""
+def hello_behind_perfused_dash_i(target, args, stderr):
+    """hello_ll behind `perfused -i fd` in a process of its own, the test
+    kernel's device handed over through PUFFS_COMFD: (kernel, relay, daemon)."""
     exe = libfuse3_example("hello_ll")
     k = TestKernel(comfd=True)
     relay_end, daemon_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    target = "/perfused-test-%d" % os.getpid()
     daemon_end.sendall(mount_request("/dev/fuse", target, "hello", 0, "fd=3"))
     dev = k._dev_sock.fileno()
-    env = dict(os.environ, PUFFS_COMFD=str(dev))
-    errlog = tmp_path / "stderr"
-    relay = subprocess.Popen(PERFUSED + ["-i", str(relay_end.fileno()), "-d", "fuse,puffs"],
-                             pass_fds=[relay_end.fileno(), dev], env=env,
-                             stderr=open(str(errlog), "w"))
+    relay = subprocess.Popen(PERFUSED + ["-i", str(relay_end.fileno())] + args,
+                             pass_fds=[relay_end.fileno(), dev],
+                             env=dict(os.environ, PUFFS_COMFD=str(dev)), stderr=stderr)
     relay_end.close()
     k._dev_sock.close()
     fd = daemon_end.fileno()
     daemon = subprocess.Popen([exe, "-f", "/dev/fd/%d" % fd], pass_fds=[fd])
     daemon_end.close()
+    return k, relay, daemon
+
+
+def test_perfused_dash_i_serves_a_mount_and_writes_a_trace(tmp_path):
+    """perfused -i fd in its own process, the device handed over through
+    PUFFS_COMFD, hello_ll behind it; SIGUSR1 twice writes the trace."""
+    target = "/perfused-test-%d" % os.getpid()
+    errlog = tmp_path / "stderr"
+    k, relay, daemon = hello_behind_perfused_dash_i(target, ["-d", "fuse,puffs"],
+                                                    open(str(errlog), "w"))
     trace = "/var/run/perfused-%s.trace" % target.strip("/")
     try:
         assert k.mounted.wait(20)
