@@ -19,6 +19,10 @@ demo:
 bench:
 	$(PYTHON) bench.py bench
 
+# the fault and fuzz campaigns at their full sizes (the suite runs them smaller)
+stress:
+	PERFUSE_STRESS=1 $(PYTHON) -m pytest -q -s -k campaign test_perfused.py
+
 install:
 	@python=`$(PYTHON) -c 'import sys; print(sys.executable)'`; \
 	site="$(PYSITELIB)"; \
@@ -53,4 +57,4 @@ uninstall:
 clean:
 	rm -rf __pycache__ .pytest_cache
 
-.PHONY: test demo bench install uninstall clean
+.PHONY: test demo bench stress install uninstall clean

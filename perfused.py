@@ -147,6 +147,10 @@ LOCK_TYPE_TO_HOST = {NB_F_RDLCK: _fcntl.F_RDLCK, NB_F_UNLCK: _fcntl.F_UNLCK,
 LOCK_TYPE_TO_NETBSD = {v: k for k, v in LOCK_TYPE_TO_HOST.items()}
 SEEK_SET, SEEK_END = 0, 2
 OFFSET_MAX = 0x7FFFFFFFFFFFFFFF
+# The largest file size the kernel is given: UVM rounds sizes up to whole
+# pages, so one within a page of 2^63 overflows and panics it; a MiB spares
+# every port's page size.
+NB_MAX_FILE_SIZE = (1 << 63) - (1 << 20)
 
 
 # dev_t: NetBSD makedev() puts major in bits 8-19 and minor in 0-7 and
@@ -608,6 +612,17 @@ def node_ttl(node, sec, nsec):
     if node.nlinks > 1 and stat.S_ISREG(node.mode):
         return Timespec(0, 1)
     return ttl_of(sec, nsec)
+
+
+class WritesDone:
+    """Yielded to wait until no WRITE of the node is in flight: FSYNC must
+    not overtake the data it syncs (a multithreaded daemon may answer it
+    first, and die before the WRITE lands), as Linux's fuse_sync_writes."""
+
+    __slots__ = ("node",)
+
+    def __init__(self, node):
+        self.node = node
 
 
 class KernelFlush:
@@ -1077,7 +1092,7 @@ class Node:
 
     __slots__ = ("nodeid", "cookie", "fuse_nlookup", "puffs_nlookup", "mode",
                  "uid", "gid", "size", "nlinks", "rfh", "wfh", "busy", "flags",
-                 "parent", "name", "subdirs", "names", "ino", "gen")
+                 "parent", "name", "subdirs", "names", "ino", "gen", "writing")
 
     def __init__(self, nodeid, cookie):
         self.nodeid, self.cookie = nodeid, cookie
@@ -1093,6 +1108,7 @@ class Node:
         self.names = None               # {name: Node} of those subdirectories, or None
         self.ino = 0                    # st_ino as the daemon reports it
         self.gen = 0                    # the daemon's generation for the node id
+        self.writing = 0                # WRITE requests in flight (FSYNC waits for them)
 
     @property
     def is_dir(self):
@@ -1399,7 +1415,7 @@ def fill_vattr(va, attr):
     va.va_uid, va.va_gid = attr.uid, attr.gid
     va.va_fsid = 0
     va.va_fileid = attr.ino
-    va.va_size = min(attr.size, OFFSET_MAX)   # 2^63 and more panic the kernel (uvm_vnp_setsize)
+    va.va_size = min(attr.size, NB_MAX_FILE_SIZE)
     va.va_blocksize = attr.blksize or 512
     va.va_atime = timespec_of(attr.atime, attr.atimensec)
     va.va_mtime = timespec_of(attr.mtime, attr.mtimensec)
@@ -1425,7 +1441,7 @@ def _shared(value):
 
 
 def remember_attr(node, attr):
-    node.ino, node.size = attr.ino, min(attr.size, OFFSET_MAX)
+    node.ino, node.size = attr.ino, min(attr.size, NB_MAX_FILE_SIZE)
     node.mode, node.uid, node.gid = _shared(attr.mode), _shared(attr.uid), _shared(attr.gid)
     node.nlinks = _shared(attr.nlink)
 
@@ -1633,7 +1649,8 @@ def _getattr(relay, req, node, cred):
     fh = node.rfh if node.rfh is not None else node.wfh
     body = GETATTR_IN.pack(FUSE_GETATTR_FH if fh is not None and not node.is_dir else 0,
                            0, fh or 0)
-    payload = yield FuseRequest(F.GETATTR, node.nodeid, (body,), cred, ATTR_OUT.size)
+    with relay.nodes.in_use(node):      # the handle it names is not released meanwhile
+        payload = yield FuseRequest(F.GETATTR, node.nodeid, (body,), cred, ATTR_OUT.size)
     return ATTR_OUT.unpack_from(payload)
 
 
@@ -1875,7 +1892,7 @@ def op_write(relay, req):
     if resid > len(data):
         raise PuffsError(E.EINVAL, "WRITE resid beyond its frame")
     done = 0
-    with relay.nodes.in_use(node):
+    with relay.nodes.in_use(node), relay.writing(node):
         if resid:
             node.flags |= PAGES_READ
             fh = yield from handle_for(relay, req, node, FWRITE)
@@ -1907,6 +1924,7 @@ def op_fsync(relay, req):
     if relay.debug.sync:
         LOG.debug("  fsync node %#x flags %#x", node.nodeid, req.msg.pvnr_flags)
     with relay.nodes.in_use(node):
+        yield WritesDone(node)
         # a daemon without FSYNC has nothing to sync: success, as on Linux
         yield from unless_lacking(relay, FuseRequest(
             opcode, node.nodeid, (FSYNC_IN.pack(fh, flags, 0),), req.cred(req.msg.pvnr_cred)))
@@ -1935,21 +1953,37 @@ def op_readdir(relay, req):
     base = MsgReaddir.pvnr_data.offset + msg.pvnr_dentoff
     if base + resid > len(req.reply):
         raise PuffsError(E.EINVAL, "READDIR resid beyond its buffer")
-    offset = msg.pvnr_offset
-    out = []                     # converted NetBSD dirents
-    produced = 0
-    eof = False
-    session = relay.session
-    plus = session.lacks(F.READDIR)
-    if offset == 0 and node.flags & LISTED and not node.busy:
+    if msg.pvnr_offset == 0 and node.flags & LISTED and not node.busy:
         # A listing starts again: daemons such as sshfs cannot rewind a
         # directory handle, so open a new one.
         relay.nodes.release_handles(node)
-    fh = node.rfh
-    if fh is None:
-        yield from _open(relay, node, FREAD, req.cred(msg.pvnr_cred))
-        fh = node.rfh
-    node.flags |= LISTED
+    out = []                     # converted NetBSD dirents
+    # In use while listing: no RELEASEDIR of the handle (another process's
+    # listing starting again) while a READDIR on it is in flight
+    # (passthrough_ll frees the directory under it and crashes).
+    with relay.nodes.in_use(node):
+        if node.rfh is None:
+            yield from _open(relay, node, FREAD, req.cred(msg.pvnr_cred))
+        node.flags |= LISTED
+        resid, offset, produced, eof = yield from fetch_listing(relay, req, node.rfh, resid,
+                                                                out)
+    if relay.debug.readdir:
+        LOG.debug("  readdir node %#x offset %d -> %d, %d entries, %d bytes%s", node.nodeid,
+                  msg.pvnr_offset, offset, len(out), produced, ", eof" if eof else "")
+    req.reply[base:base + produced] = b"".join(out)
+    msg.pvnr_offset = offset if offset < (1 << 63) else offset - (1 << 64)
+    msg.pvnr_resid = resid
+    msg.pvnr_eofflag = 1 if eof else 0
+    return base + produced
+
+
+def fetch_listing(relay, req, fh, resid, out):
+    """READDIR(PLUS) requests from the kernel's offset on until resid bytes
+    of NetBSD dirents are in `out` or the directory ends: (resid left, the
+    offset to go on from, bytes made, end of directory)."""
+    session, node, msg = relay.session, req.node, req.msg
+    offset, produced, eof = msg.pvnr_offset, 0, False
+    plus = session.lacks(F.READDIR)
     while resid >= nb_dirent_reclen(1) and not eof:
         size = min(session.max_read, max(4096, int(resid * session.readdir_ratio) + 1024))
         payload = yield from unless_lacking(relay, FuseRequest(
@@ -1968,15 +2002,7 @@ def op_readdir(relay, req):
         produced += made
         if full:
             break
-    if relay.debug.readdir:
-        LOG.debug("  readdir node %#x offset %d -> %d, %d entries, %d bytes%s", node.nodeid,
-                  msg.pvnr_offset, offset, len(out), produced, ", eof" if eof else "")
-    data = b"".join(out)
-    req.reply[base:base + produced] = data
-    msg.pvnr_offset = offset if offset < (1 << 63) else offset - (1 << 64)
-    msg.pvnr_resid = resid
-    msg.pvnr_eofflag = 1 if eof else 0
-    return base + produced
+    return resid, offset, produced, eof
 
 
 def convert_listing(relay, node, data, plus, resid, offset, out):
@@ -2148,8 +2174,9 @@ def op_advlock(relay, req):
     body = LK_IN.pack(fh, owner, start, end, LOCK_TYPE_TO_HOST[ltype],
                       fl.l_pid & 0xFFFFFFFF, lk_flags, 0)
     try:
-        payload = yield FuseRequest(opcode, node.nodeid, (body,), req.cred(),
-                                    LK_OUT.size if opcode == F.GETLK else 0)
+        with relay.nodes.in_use(node):
+            payload = yield FuseRequest(opcode, node.nodeid, (body,), req.cred(),
+                                        LK_OUT.size if opcode == F.GETLK else 0)
     except FuseError as e:
         # Not remembered as lacking: flock(2) and fcntl(2) locks share the
         # opcodes, and a daemon may implement one kind only.
@@ -2303,8 +2330,9 @@ def op_poll(relay, req):
     if fh is None:
         req.msg.pvnr_events = ready
         return
-    payload = yield from unless_lacking(relay, FuseRequest(
-        F.POLL, node.nodeid, (POLL_IN.pack(fh, 0, 0, events),), req.cred(), POLL_OUT.size))
+    with relay.nodes.in_use(node):
+        payload = yield from unless_lacking(relay, FuseRequest(
+            F.POLL, node.nodeid, (POLL_IN.pack(fh, 0, 0, events),), req.cred(), POLL_OUT.size))
     req.msg.pvnr_events = ready if payload is LACKING else POLL_OUT.unpack_from(payload).revents
 
 
@@ -2373,7 +2401,10 @@ DEFAULT_VNOPS = {name for (cls, _), op in OPS.items() if cls == VN
 # 8. Relay
 # ---------------------------------------------------------------------------
 
-UNMOUNT_PATIENCE = 30       # seconds the kernel gets to unmount after the daemon died
+# Seconds the kernel gets to unmount after the daemon died, before perfused
+# closes the device (which fails whatever still waits, then force-unmounts):
+# NetBSD's own unmount can wait on a process blocked in the file system.
+UNMOUNT_PATIENCE = 5
 FRAMES_PER_WAKEUP = 64      # kernel frames, then FUSE replies, served in turn
 REPLIES_PER_WAKEUP = 256
 FORGETS_PER_BATCH = 4096
@@ -2447,6 +2478,7 @@ class Relay:
         self.trace = options.get("trace")
         self.inflight = {}              # unique -> InFlight
         self.kernel_waiting = {}        # our FLUSH's id -> InFlight of the translator waiting
+        self.write_waiters = {}         # Node -> InFlights waiting for its WRITEs to end
         self.flush_id = OUR_REQUEST_IDS
         self.daemon_gone = self.kernel_gone = self.unmounting = False
         self.unmount_requested = 0.0    # when we asked the kernel to unmount
@@ -2602,6 +2634,12 @@ class Relay:
         LOG.warning("file system daemon gone (%s): unmounting", why)
         self.daemon_gone = True
         self.fail_inflight(errno.ENXIO)
+        # Nor does anything wait for the kernel's FLUSH answers: the kernel
+        # serves them in the thread that unmounts, and an unmount that needs
+        # a request of ours answered would never come.
+        waiting, self.kernel_waiting = self.kernel_waiting, {}
+        for inflight in waiting.values():
+            self.resume(inflight, exc=FuseError(errno.ENXIO))
         self.request_unmount()
 
     def abort(self, why):
@@ -2646,6 +2684,15 @@ class Relay:
         frame = bytearray(c.sizeof(PuffsReq))
         self.write_kernel(kernel_request(frame, PuffsReq.from_buffer(frame), PUFFSOP_UNMOUNT,
                                          OUR_REQUEST_IDS | 0xDEAD))
+
+    def writing(self, node):
+        """`with relay.writing(node):` around a WRITE's requests."""
+        return WritingScope(self, node)
+
+    def writes_drained(self, node):
+        """The node's last WRITE in flight ended: what waited for it goes on."""
+        for inflight in self.write_waiters.pop(node, ()):
+            self.resume(inflight)
 
     def unmount_begins(self):
         """VFS_UNMOUNT arrived: the last FORGETs go before DESTROY, and the
@@ -2785,7 +2832,16 @@ class Relay:
                 LOG.exception("%s failed", req.op.name)
                 self.finish(req, E.EIO, None)
                 return
+            if isinstance(freq, WritesDone):
+                if freq.node.writing:
+                    self.write_waiters.setdefault(freq.node, []).append(inflight)
+                    return
+                value = None
+                continue
             if isinstance(freq, KernelFlush):
+                if self.daemon_gone:
+                    value, exc = None, FuseError(errno.ENXIO, "daemon gone")
+                    continue
                 self.kernel_waiting[self.send_flush(req.node.cookie, freq.op, freq.start,
                                                     freq.end)] = inflight
                 return
@@ -2970,6 +3026,21 @@ class Relay:
         if not self.kernel_gone:
             self.fail_inflight(errno.ENXIO)
         self.inflight.clear()
+
+
+class WritingScope:
+    __slots__ = ("relay", "node")
+
+    def __init__(self, relay, node):
+        self.relay, self.node = relay, node
+
+    def __enter__(self):
+        self.node.writing += 1
+
+    def __exit__(self, *exc):
+        self.node.writing -= 1
+        if not self.node.writing:
+            self.relay.writes_drained(self.node)
 
 
 def seal_reply(hdr, nb_errno, length):
@@ -3271,7 +3342,7 @@ def build_kargs(relay, mreq, root_attr, statfs, puffs_flags):
     kargs.pa_mntfromname = os.fsencode(mreq.source or "/dev/fuse")[:1023]
     kargs.pa_root_cookie = relay.nodes.root.cookie
     kargs.pa_root_vtype = VDIR
-    kargs.pa_root_vsize = min(root_attr.size, OFFSET_MAX)
+    kargs.pa_root_vsize = min(root_attr.size, NB_MAX_FILE_SIZE)
     kargs.pa_root_rdev = 0
     if statfs is not None:
         fill_statvfs(kargs.pa_svfsb, statfs, session)
