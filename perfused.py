@@ -3435,7 +3435,6 @@ def serve_connection(sock, device=None, **options):
     An aborted mount (the switch, daemon_timeout) ends with EX_UNAVAILABLE.
     """
     relay = None
-    channel = None
     own_device = device is None
     try:
         try:
@@ -3471,19 +3470,26 @@ def serve_connection(sock, device=None, **options):
             relay.shutdown()
         return EX_UNAVAILABLE if relay.aborted else EX_OK
     finally:
-        if relay is not None and not relay.daemon_gone and not relay.unmounting:
-            try:     # the kernel went away without an UNMOUNT: tell the daemon
-                channel.sock.setblocking(True)
-                channel.sock.sendmsg(FuseRequest(F.DESTROY, FUSE_ROOT_ID).pack(
-                    channel.new_unique()))
-            except OSError:
-                pass
+        end_connection(relay, sock, device if own_device else None)
+
+
+def end_connection(relay, sock, own_device):
+    """Teardown: DESTROY for a daemon whose kernel side went away without
+    an UNMOUNT, the socket closed, and a device of our own closed (on
+    NetBSD that also forces a stale mount away)."""
+    if relay is not None and not relay.daemon_gone and not relay.unmounting:
         try:
-            sock.close()
+            relay.channel.sock.setblocking(True)
+            relay.channel.sock.sendmsg(FuseRequest(F.DESTROY, FUSE_ROOT_ID).pack(
+                relay.channel.new_unique()))
         except OSError:
             pass
-        if own_device and device is not None:
-            device.close()      # on NetBSD this also forces a stale mount away
+    try:
+        sock.close()
+    except OSError:
+        pass
+    if own_device is not None:
+        own_device.close()
 
 
 # ---------------------------------------------------------------------------

@@ -2456,6 +2456,7 @@ def test_fuse_and_the_mount_request_in_the_other_byte_order():
     request's made the opposite of this host's) behind the test kernel, a
     scripted daemon speaking that order: every structure a request and its
     reply carry is decoded right, so a byte-order slip fails here."""
+    # One mount, every structure in turn: long, as the list of structures.
     order = ">" if sys.byteorder == "little" else "<"
     swapped = port_variant(perfused, swapped=True)
     record = port_variant(libperfuse, swapped=True).mount_request("fake", "/mnt", "fake", 0,
