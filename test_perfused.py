@@ -4301,6 +4301,44 @@ def test_netbsd_fuzzed_fuse_replies_campaign(netbsd, tmp_path, caplog):
     print("seed %d: %s replies fuzzed, %d system calls" % (seed, counter.read_text(), calls))
 
 
+def test_netbsd_mount_cycles_leak_nothing_campaign(netbsd):
+    """1,000 mount/unmount cycles (make stress; 100 in CI) of hello_ll
+    through one process (serve_connection in-process, NetBSD's kernel in
+    front): descriptors, threads and memory stay flat."""
+    import gc
+    import tracemalloc
+    _, size = campaign(100, 1000)
+    exe = libfuse3_example("hello_ll")
+
+    def cycle():
+        with netbsd_mounted(netbsd, lambda fd: [exe, "-f", fd], fstype="hello") as m:
+            assert m.p.readfile(m.path("hello")) == b"Hello World!\n"
+    for _ in range(5):                  # imports, caches, the first buffers
+        cycle()
+    gc.collect()
+    fds, threads = len(os.listdir("/proc/self/fd")), threading.active_count()
+    def held():
+        """Bytes perfused.py's own allocations hold now."""
+        gc.collect()
+        only = [tracemalloc.Filter(True, perfused.__file__)]
+        return sum(s.size for s in tracemalloc.take_snapshot().filter_traces(only).statistics(
+            "filename"))
+    tracemalloc.start()
+    try:
+        before = held()
+        for _ in range(size):
+            cycle()
+        after = held()
+    finally:
+        tracemalloc.stop()
+    print("%d cycles: descriptors %d -> %d, threads %d -> %d, perfused's memory %d -> %d bytes"
+          % (size, fds, len(os.listdir("/proc/self/fd")), threads, threading.active_count(),
+             before, after))
+    assert len(os.listdir("/proc/self/fd")) <= fds
+    assert threading.active_count() <= threads
+    assert after <= before + 4096, (before, after)
+
+
 # ===========================================================================
 # Tests: the command line (perfused(8)) and libperfuse
 # ===========================================================================
