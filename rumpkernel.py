@@ -472,6 +472,10 @@ class Bridge:
                 with self.lock:
                     self.violations.append("kernel refused a %d-byte frame: %s" % (len(frame), e))
             self.writing = None
+        # The file server's end closed (it exited, or was killed): NetBSD
+        # closes a dead process's /dev/puffs, which fails whatever waits
+        # and force-unmounts.
+        self.close()
 
     def _comfd_mount(self, record):
         """size_t length + target, size_t length + mntfromname, int flags,

@@ -4339,6 +4339,54 @@ def test_netbsd_mount_cycles_leak_nothing_campaign(netbsd):
     assert after <= before + 4096, (before, after)
 
 
+def test_netbsd_relay_killed_with_requests_in_flight(netbsd, tmp_path):
+    """perfused (the process) SIGKILLed while a request waits: its device
+    closes, the kernel force-unmounts and the waiting caller gets an error,
+    the daemon sees EOF and exits."""
+    exe = libfuse3_example("passthrough_ll")
+    backing = make_tree(tmp_path / "backing")
+    target = "/relay-death-%d" % os.getpid()
+    dev_sock, dev_id = netbsd.new_device(comfd=True)
+    relay_end, daemon_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    daemon_end.sendall(mount_request("/dev/fuse", target, "passthrough_ll", 0,
+                                     "fd=%d,allow_other" % daemon_end.fileno()))
+    relay = subprocess.Popen(PERFUSED + ["-i", str(relay_end.fileno())],
+                             pass_fds=[relay_end.fileno(), dev_sock.fileno()],
+                             env=dict(os.environ, PUFFS_COMFD=str(dev_sock.fileno())),
+                             stderr=subprocess.DEVNULL)
+    relay_end.close()
+    dev_sock.close()
+    fd = daemon_end.fileno()
+    daemon = subprocess.Popen([exe, "-f", "-o", "source=%s" % backing, "/dev/fd/%d" % fd],
+                              pass_fds=[fd], start_new_session=True)
+    daemon_end.close()
+    p = netbsd.proc()
+    try:
+        assert wait_for(lambda: netbsd.report(dev_id)["mounted"], 30)
+        name = sorted(os.listdir(str(backing)))[0]
+        p.stat(target + "/" + name)
+        os.killpg(daemon.pid, signal.SIGSTOP)
+        assert wait_for(lambda: all_threads_stopped(daemon.pid))
+        waiting = {}
+        caller = threading.Thread(target=lambda: waiting.setdefault(
+            "errno", nb_errno(p.stat, target + "/not-" + name)))
+        caller.start()
+        assert wait_for(lambda: netbsd.report(dev_id)["pending"])     # the LOOKUP waits
+        relay.kill()
+        relay.wait(10)
+        caller.join(30)
+        assert not caller.is_alive() and waiting["errno"] is not None, waiting
+        os.killpg(daemon.pid, signal.SIGCONT)
+        daemon.wait(20)                     # EOF: it exits (TimeoutExpired if not)
+        assert not p.statvfs(target)["f_fstypename"].startswith(b"puffs")
+    finally:
+        for proc in (relay, daemon):
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGCONT)
+                proc.kill()
+        netbsd.close_devices(dev_id)
+
+
 # ===========================================================================
 # Tests: the command line (perfused(8)) and libperfuse
 # ===========================================================================
