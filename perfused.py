@@ -28,6 +28,7 @@
 # reads top to bottom and many ops are in flight.
 
 import collections
+import contextlib
 import ctypes
 import errno
 import logging
@@ -445,6 +446,7 @@ FATTR_ATIME_NOW, FATTR_MTIME_NOW = 128, 256
 FUSE_GETATTR_FH, FUSE_LK_FLOCK, FUSE_FSYNC_FDATASYNC = 1, 1, 1
 FOPEN_KEEP_CACHE = 2
 FUSE_DEFAULT_MAX_PAGES = 32             # without FUSE_MAX_PAGES: 128 KiB requests
+MAX_ERRNO = 4095                        # a FUSE error is -1 .. -4095
 FUSE_NOTIFY_INVAL_INODE, FUSE_NOTIFY_INVAL_ENTRY, FUSE_NOTIFY_DELETE = 2, 3, 6
 
 # FUSE is the host's own byte order and sizes ("=": native order, standard
@@ -956,11 +958,14 @@ class Session:
     def lacks(self, opcode):
         return opcode in self._lacking
 
-    def refuses(self, kcred):
-        """A request of kcred's user is refused: not the owner's, nor
-        root's with allow_root, and no allow_other.  The kernel's own
-        requests (no user credentials) always pass."""
-        if kcred.pkcr_type != PUFFCRED_TYPE_UUC or self.allow_other:
+    def refuses(self, msg, cred_field):
+        """A request is refused (its credentials in msg's cred_field): not
+        the owner's, nor root's with allow_root, and no allow_other.  The
+        kernel's own requests (no user credentials) always pass."""
+        if self.allow_other:
+            return False
+        kcred = getattr(msg, cred_field)
+        if kcred.pkcr_type != PUFFCRED_TYPE_UUC:
             return False
         uid = kcred.pkcr_uuc.cr_uid
         if uid == self.owner_uid or uid == 0 and self.allow_root:
@@ -1035,7 +1040,7 @@ def fuse_exchange(channel, freq, timeout=30.0):
             if r_unique != unique:
                 raise FuseError(errno.EPROTO, "unexpected unique %d" % r_unique)
             if err:
-                raise FuseError(-err if -4096 < err < 0 else errno.EPROTO)
+                raise FuseError(-err if -MAX_ERRNO <= err < 0 else errno.EPROTO)
             return bytes(payload)
     except socket.timeout:
         raise FuseError(errno.ETIMEDOUT, "no answer to %s" % FUSE_OPNAMES[freq.opcode])
@@ -1345,23 +1350,26 @@ class NodeTable:
     def in_use(self, node):
         """`with nodes.in_use(node):` around requests using the node's
         handles."""
-        return NodeInUse(self, node)
+        return Scope(self.busy, self.idle, node)
 
     def __len__(self):
         return len(self.by_cookie)
 
 
-class NodeInUse:
-    __slots__ = ("nodes", "node")
+class Scope:
+    """A `with` block around requests: enter(arg) before, leave(arg) after
+    (a node in use, a WRITE in flight)."""
 
-    def __init__(self, nodes, node):
-        self.nodes, self.node = nodes, node
+    __slots__ = ("enter", "leave", "arg")
+
+    def __init__(self, enter, leave, arg):
+        self.enter, self.leave, self.arg = enter, leave, arg
 
     def __enter__(self):
-        self.nodes.busy(self.node)
+        self.enter(self.arg)
 
     def __exit__(self, *exc):
-        self.nodes.idle(self.node)
+        self.leave(self.arg)
 
 
 # ---------------------------------------------------------------------------
@@ -1647,9 +1655,10 @@ def op_rename(relay, req):
 
 def _getattr(relay, req, node, cred):
     fh = node.rfh if node.rfh is not None else node.wfh
-    body = GETATTR_IN.pack(FUSE_GETATTR_FH if fh is not None and not node.is_dir else 0,
-                           0, fh or 0)
-    with relay.nodes.in_use(node):      # the handle it names is not released meanwhile
+    named = fh is not None and not node.is_dir
+    body = GETATTR_IN.pack(FUSE_GETATTR_FH if named else 0, 0, fh if named else 0)
+    # a handle it names is not released meanwhile
+    with relay.nodes.in_use(node) if named else contextlib.nullcontext():
         payload = yield FuseRequest(F.GETATTR, node.nodeid, (body,), cred, ATTR_OUT.size)
     return ATTR_OUT.unpack_from(payload)
 
@@ -2408,7 +2417,6 @@ UNMOUNT_PATIENCE = 5
 FRAMES_PER_WAKEUP = 64      # kernel frames, then FUSE replies, served in turn
 REPLIES_PER_WAKEUP = 256
 FORGETS_PER_BATCH = 4096
-MAX_ERRNO = 4095            # a FUSE error is -1 .. -4095
 
 
 class InFlight:
@@ -2687,12 +2695,18 @@ class Relay:
 
     def writing(self, node):
         """`with relay.writing(node):` around a WRITE's requests."""
-        return WritingScope(self, node)
+        return Scope(self._write_begins, self._write_ends, node)
 
-    def writes_drained(self, node):
-        """The node's last WRITE in flight ended: what waited for it goes on."""
-        for inflight in self.write_waiters.pop(node, ()):
-            self.resume(inflight)
+    @staticmethod
+    def _write_begins(node):
+        node.writing += 1
+
+    def _write_ends(self, node):
+        """When the node's last WRITE in flight ends, what waited goes on."""
+        node.writing -= 1
+        if not node.writing:
+            for inflight in self.write_waiters.pop(node, ()):
+                self.resume(inflight)
 
     def unmount_begins(self):
         """VFS_UNMOUNT arrived: the last FORGETs go before DESTROY, and the
@@ -2750,7 +2764,7 @@ class Relay:
                 self.write_kernel(error_reply(frame, e.errno))
             return
         req = PuffsRequest(self._reply_buffer(op, frame, hdr), op, node, frame)
-        if op.cred_field and not faf and self.session.refuses(getattr(req.msg, op.cred_field)):
+        if op.cred_field and not faf and self.session.refuses(req.msg, op.cred_field):
             self.finish(req, E.EACCES, None)
             return
         if self.debug.puffs:
@@ -3026,21 +3040,6 @@ class Relay:
         if not self.kernel_gone:
             self.fail_inflight(errno.ENXIO)
         self.inflight.clear()
-
-
-class WritingScope:
-    __slots__ = ("relay", "node")
-
-    def __init__(self, relay, node):
-        self.relay, self.node = relay, node
-
-    def __enter__(self):
-        self.node.writing += 1
-
-    def __exit__(self, *exc):
-        self.node.writing -= 1
-        if not self.node.writing:
-            self.relay.writes_drained(self.node)
 
 
 def seal_reply(hdr, nb_errno, length):
