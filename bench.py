@@ -404,7 +404,10 @@ def bench(repeat=3):
                 record("inflight%d" % depth, "%d GETATTRs in flight (passthrough_ll)" % depth,
                        "ops/s", res["relay", depth], res["direct", depth])
 
-        # 6. memory per node held by perfused, and after the kernel reclaims
+        # 6. what the write-through page cache costs, through NetBSD's kernel
+        cache = write_through_cost(passthrough, data, repeat)
+
+        # 7. memory per node held by perfused, and after the kernel reclaims
         many_entries = tmp / "nodes"
         many_entries.mkdir()
         for i in range(100000):
@@ -458,9 +461,46 @@ def bench(repeat=3):
                  "inflight256")
         print("ratios " + " ".join("%s=%.2f" % (k_, ratios[k_]) for k_ in order))
         print("memory bytes_per_node=%d retained_after_reclaim=%d" % (round(per_node), retained))
+        if cache is None:
+            print("page cache: not measured (no rump kernel libraries, $RUMPLIB)")
+        else:
+            print("page cache (NetBSD kernel, passthrough_ll, 32 MiB in 64 KiB write(2)s "
+                  "then fsync): write-through %.1f MB/s, write-back %.1f MB/s" % cache)
+            print("page_cache write_through/write_back=%.2f" % (cache[0] / cache[1]))
         return 0
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_through_cost(passthrough, data, repeat):
+    """(write-through MB/s, write-back MB/s): a 32 MiB file written through
+    NetBSD's kernel (rump) and passthrough_ll, in 64 KiB write(2)s, then
+    fsync'ed, with perfused's flags and without PUFFS_KFLAG_WTCACHE.  None
+    without the rump kernel libraries."""
+    if rk.library_dir() is None:
+        return None
+    kernel = rk.RumpKernel()
+    size, chunk = 32 << 20, os.urandom(64 << 10)
+    out = []
+    try:
+        for flags in (perfused.DEFAULT_KFLAGS,
+                      perfused.DEFAULT_KFLAGS & ~perfused.PUFFS_KFLAG_WTCACHE):
+            m = NetBSDMount(kernel, lambda fd: [passthrough, "-f", "-o", "source=%s" % data, fd],
+                            fstype="bench", options={"puffs_flags": flags})
+            p, path = m.p, m.path("written")
+
+            def write_file():
+                fd = p.open(path, rk.O_WRONLY | rk.O_CREAT | rk.O_TRUNC)
+                for _ in range(size // len(chunk)):
+                    p.write(fd, chunk)
+                p.fsync(fd)
+                p.close(fd)
+            out.append(size / _timed(write_file, repeat) / 1e6)
+            p.unlink(path)
+            m.unmount()
+    finally:
+        kernel.close()
+    return tuple(out)
 
 
 def demo():

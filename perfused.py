@@ -40,6 +40,7 @@ import socket
 import stat
 import struct
 import sys
+import threading
 import time
 import types
 
@@ -616,15 +617,17 @@ def node_ttl(node, sec, nsec):
     return ttl_of(sec, nsec)
 
 
-class WritesDone:
-    """Yielded to wait until no WRITE of the node is in flight: FSYNC must
-    not overtake the data it syncs (a multithreaded daemon may answer it
-    first, and die before the WRITE lands), as Linux's fuse_sync_writes."""
+class Idle:
+    """Yielded to wait until `counter` of `owner` is 0, a count kept by
+    `with relay.counting(owner, counter)`: FSYNC waits out the node's WRITEs
+    in flight (it must not overtake the data it syncs: a multithreaded
+    daemon may answer it first and die before the WRITE lands, as Linux's
+    fuse_sync_writes), a READDIR the one in flight on its listing's handle."""
 
-    __slots__ = ("node",)
+    __slots__ = ("owner", "counter")
 
-    def __init__(self, node):
-        self.node = node
+    def __init__(self, owner, counter):
+        self.owner, self.counter = owner, counter
 
 
 class KernelFlush:
@@ -651,20 +654,27 @@ class PuffsDevice:
 
     `fd` is an open PUFFS device (or anything with the same framing, such as
     a SOCK_SEQPACKET socket); `mount(target, flags, kargs)` performs the
-    kernel mount and defaults to libc's __mount50 on NetBSD.
+    kernel mount and defaults to libc's __mount50 on NetBSD, `unmount(target,
+    flags)` unmount(2), there by default too (None where a stand-in cannot).
     """
 
     # NetBSD frames are at most PUFFS_MSG_MAXSIZE (128 KiB); a stand-in may
     # send larger ones, up to this.
     READ_SIZE = 4 * 1024 * 1024 + 4096
 
-    def __init__(self, fd=None, mount=None):
+    def __init__(self, fd=None, mount=None, unmount=None):
         if fd is None:
             fd = os.open("/dev/puffs", os.O_RDWR)
         self.fd = fd
-        self.mount = mount or netbsd_mount
+        self._mount = mount or netbsd_mount
+        self.unmount = unmount if mount is not None else netbsd_unmount
+        self.target = None          # where the mount is
         self._outq = []
         self._buf = None
+
+    def mount(self, target, flags, kargs):
+        self._mount(target, flags, kargs)
+        self.target = target
 
     def fileno(self):
         return self.fd
@@ -746,6 +756,14 @@ def netbsd_mount(target, flags, kargs):
     if fn(b"puffs", os.fsencode(target), flags, buf, len(kargs)) != 0:
         err = c.get_errno()
         raise OSError(err, "mount puffs on %s: %s" % (target, os.strerror(err)))
+
+
+def netbsd_unmount(target, flags):
+    """unmount(2) (NetBSD only)."""
+    libc = c.CDLL(None, use_errno=True)
+    if libc.unmount(os.fsencode(target), flags) != 0:
+        err = c.get_errno()
+        raise OSError(err, "unmount %s: %s" % (target, os.strerror(err)))
 
 
 SEND_FLAGS = getattr(socket, "MSG_NOSIGNAL", 0)
@@ -1087,7 +1105,7 @@ FORGET_DUE = 0x4     # the kernel let go: FORGET once requests and subdirectorie
 STALE = 0x8          # the daemon reused the node id for another file: answer ESTALE
 PAGES_READ = 0x10    # READ or WRITE reached the daemon since the last OPEN
 DROP_PAGES = 0x20    # the last OPEN reply lacked FOPEN_KEEP_CACHE
-LISTED = 0x40        # READDIR served entries from the current directory handle
+LISTED = 0x40        # a listing took the directory handle open(2) opened
 NAMES_REFUSED = 0x80  # a listing had a name NetBSD cannot take: logged once
 
 
@@ -1097,7 +1115,7 @@ class Node:
 
     __slots__ = ("nodeid", "cookie", "fuse_nlookup", "puffs_nlookup", "mode",
                  "uid", "gid", "size", "nlinks", "rfh", "wfh", "busy", "flags",
-                 "parent", "name", "subdirs", "names", "ino", "gen", "writing")
+                 "parent", "name", "subdirs", "names", "ino", "gen", "writing", "listings")
 
     def __init__(self, nodeid, cookie):
         self.nodeid, self.cookie = nodeid, cookie
@@ -1114,6 +1132,7 @@ class Node:
         self.ino = 0                    # st_ino as the daemon reports it
         self.gen = 0                    # the daemon's generation for the node id
         self.writing = 0                # WRITE requests in flight (FSYNC waits for them)
+        self.listings = None            # directories: {pid: Listing} of listings under way
 
     @property
     def is_dir(self):
@@ -1329,12 +1348,53 @@ class NodeTable:
         if node.busy:
             node.flags |= RELEASE_DUE
             return
-        handles = (node.rfh, None if node.flags & SHARED_FH else node.wfh)
-        node.rfh = node.wfh = None
+        handles = [node.rfh, None if node.flags & SHARED_FH else node.wfh]
+        handles += [lst.fh for lst in (node.listings or {}).values() if lst.owned]
+        node.rfh = node.wfh = node.listings = None
         node.flags &= ~(SHARED_FH | RELEASE_DUE | LISTED)
         for fh in handles:
             if fh is not None:
                 self.send_release(node, fh)
+
+    def listing(self, node, pid, offset):
+        """The Listing a process's READDIR at offset goes on with (one with
+        no handle: it ended there), or None if it needs a handle of its own.
+        A listing starting again (offset 0) gets a fresh one: daemons such
+        as sshfs cannot rewind a directory handle, nor start one elsewhere
+        than at 0.  The first listing borrows the handle open(2) opened."""
+        listings = node.listings = node.listings or {}
+        lst = listings.get(pid)
+        if lst is not None and not lst.reading and (
+                offset == 0 or lst.fh is None and offset != lst.end):
+            self._drop_listing(node, pid)
+            lst = None
+        if lst is None and offset == 0 and node.rfh is not None and not node.flags & LISTED:
+            node.flags |= LISTED
+            lst = listings[pid] = Listing(node.rfh, False)
+        return lst
+
+    def adopt_listing(self, node, pid, fh):
+        """Record a process's new listing handle; beyond LISTINGS_PER_DIR
+        the oldest idle listings go (abandoned ones: `ls | head`)."""
+        listings = node.listings = node.listings or {}
+        for key in [k for k, lst in listings.items() if not lst.reading]:
+            if len(listings) < LISTINGS_PER_DIR:
+                break
+            self._drop_listing(node, key)
+        lst = listings[pid] = Listing(fh, True)
+        return lst
+
+    def listing_ended(self, node, lst, offset):
+        """The directory ended at offset: the handle goes, the offset stays
+        (getdents(2) asks once more before it returns 0)."""
+        if lst.owned and lst.fh is not None:
+            self.send_release(node, lst.fh)
+        lst.fh, lst.end = None, offset
+
+    def _drop_listing(self, node, pid):
+        lst = node.listings.pop(pid)
+        if lst.owned and lst.fh is not None:
+            self.send_release(node, lst.fh)
 
     def busy(self, node):
         node.busy += 1
@@ -1354,6 +1414,23 @@ class NodeTable:
 
     def __len__(self):
         return len(self.by_cookie)
+
+
+# Listings a directory keeps track of, most of them ended (no handle)
+LISTINGS_PER_DIR = 16
+
+
+class Listing:
+    """One process's listing of a directory, on a FUSE handle of its own as
+    each open(2) has on Linux: two processes listing at once moved one
+    daemon cursor (passthrough_ll lost and repeated entries).  `reading`:
+    its READDIRs in flight, one at a time.  owned: not the handle open(2)
+    opened, which the node keeps.  end: where it ended, fh then None."""
+
+    __slots__ = ("fh", "owned", "reading", "end")
+
+    def __init__(self, fh, owned):
+        self.fh, self.owned, self.reading, self.end = fh, owned, 0, None
 
 
 class Scope:
@@ -1757,18 +1834,23 @@ def op_access(relay, req):
 def _open(relay, node, mode, cred):
     """Open a FUSE handle for mode (FREAD/FWRITE bits) and record it;
     returns the daemon's open_flags."""
+    fh, open_flags = yield from open_handle(relay, node, mode, cred)
+    relay.nodes.adopt_handle(node, fh, mode)
+    return open_flags
+
+
+def open_handle(relay, node, mode, cred):
+    """OPEN or OPENDIR: (fh, open_flags)."""
     opcode = F.OPENDIR if node.is_dir else F.OPEN
     flags = host_open_flags(mode) if not node.is_dir else os.O_RDONLY
     payload = yield from unless_lacking(relay, FuseRequest(
         opcode, node.nodeid, (OPEN_IN.pack(flags, 0),), cred, OPEN_OUT.size))
     if payload is LACKING:          # a stateless daemon: fh 0, as Linux does
-        relay.nodes.adopt_handle(node, 0, mode)
-        return 0
+        return 0, 0
     handle = OPEN_OUT.unpack_from(payload)
     if relay.debug.fh:
         LOG.debug("  fh %#x for node %#x mode %#x", handle.fh, node.nodeid, mode)
-    relay.nodes.adopt_handle(node, handle.fh, mode)
-    return handle.open_flags
+    return handle.fh, handle.open_flags
 
 
 def opened(node, open_flags):
@@ -1901,7 +1983,7 @@ def op_write(relay, req):
     if resid > len(data):
         raise PuffsError(E.EINVAL, "WRITE resid beyond its frame")
     done = 0
-    with relay.nodes.in_use(node), relay.writing(node):
+    with relay.nodes.in_use(node), relay.counting(node, "writing"):
         if resid:
             node.flags |= PAGES_READ
             fh = yield from handle_for(relay, req, node, FWRITE)
@@ -1933,7 +2015,7 @@ def op_fsync(relay, req):
     if relay.debug.sync:
         LOG.debug("  fsync node %#x flags %#x", node.nodeid, req.msg.pvnr_flags)
     with relay.nodes.in_use(node):
-        yield WritesDone(node)
+        yield Idle(node, "writing")
         # a daemon without FSYNC has nothing to sync: success, as on Linux
         yield from unless_lacking(relay, FuseRequest(
             opcode, node.nodeid, (FSYNC_IN.pack(fh, flags, 0),), req.cred(req.msg.pvnr_cred)))
@@ -1962,20 +2044,26 @@ def op_readdir(relay, req):
     base = MsgReaddir.pvnr_data.offset + msg.pvnr_dentoff
     if base + resid > len(req.reply):
         raise PuffsError(E.EINVAL, "READDIR resid beyond its buffer")
-    if msg.pvnr_offset == 0 and node.flags & LISTED and not node.busy:
-        # A listing starts again: daemons such as sshfs cannot rewind a
-        # directory handle, so open a new one.
-        relay.nodes.release_handles(node)
+    pid, offset = req.hdr.preq_pid, msg.pvnr_offset
     out = []                     # converted NetBSD dirents
-    # In use while listing: no RELEASEDIR of the handle (another process's
-    # listing starting again) while a READDIR on it is in flight
-    # (passthrough_ll frees the directory under it and crashes).
+    # In use while listing: no RELEASEDIR of a handle a READDIR is in
+    # flight on (passthrough_ll frees the directory under it and crashes).
     with relay.nodes.in_use(node):
-        if node.rfh is None:
-            yield from _open(relay, node, FREAD, req.cred(msg.pvnr_cred))
-        node.flags |= LISTED
-        resid, offset, produced, eof = yield from fetch_listing(relay, req, node.rfh, resid,
-                                                                out)
+        lst = relay.nodes.listing(node, pid, offset)
+        while lst is not None and lst.reading:      # another thread of the process
+            yield Idle(lst, "reading")
+            lst = relay.nodes.listing(node, pid, offset)
+        if lst is None:
+            fh, _ = yield from open_handle(relay, node, FREAD, req.cred(msg.pvnr_cred))
+            lst = relay.nodes.adopt_listing(node, pid, fh)
+        if lst.fh is None:
+            produced, eof = 0, True
+        else:
+            with relay.counting(lst, "reading"):
+                resid, offset, produced, eof = yield from fetch_listing(relay, req, lst.fh,
+                                                                        resid, out)
+                if eof:         # before a READDIR waiting goes on with the handle
+                    relay.nodes.listing_ended(node, lst, offset)
     if relay.debug.readdir:
         LOG.debug("  readdir node %#x offset %d -> %d, %d entries, %d bytes%s", node.nodeid,
                   msg.pvnr_offset, offset, len(out), produced, ", eof" if eof else "")
@@ -2410,10 +2498,21 @@ DEFAULT_VNOPS = {name for (cls, _), op in OPS.items() if cls == VN
 # 8. Relay
 # ---------------------------------------------------------------------------
 
-# Seconds the kernel gets to unmount after the daemon died, before perfused
+# Seconds between the daemon's death and the request to unmount: the
+# kernel's threads first take the daemon's last replies.  A forced unmount
+# deadlocks with a lookup that got its reply and is about to make the vnode
+# (it holds the directory's lock and waits in vfs_busy for mnt_unmounting,
+# which dounmount holds while vflush waits for that directory's lock).
+UNMOUNT_GRACE = 0.2
+# Seconds the kernel gets to unmount after the request, before perfused
 # closes the device (which fails whatever still waits, then force-unmounts):
 # NetBSD's own unmount can wait on a process blocked in the file system.
 UNMOUNT_PATIENCE = 5
+# Seconds after which perfused unmounts by path itself if the kernel has not
+# begun: its own attempt (PUFFSOP_UNMOUNT) is made once and fails with EBUSY
+# when any process is inside the file system at that instant.
+UNMOUNT_BY_PATH_AFTER = 0.5
+NB_MNT_FORCE = 0x80000      # unmount(2): even if files are open
 FRAMES_PER_WAKEUP = 64      # kernel frames, then FUSE replies, served in turn
 REPLIES_PER_WAKEUP = 256
 FORGETS_PER_BATCH = 4096
@@ -2474,8 +2573,10 @@ class Relay:
         on_fuse_reply(...)     resume the translator waiting for the unique
         fail(unique, errno)    the one way a request in flight fails
         daemon_died(why)       fail everything, ask the kernel to unmount
-    Translators call send_detached, unmount_begins and read `session`,
-    `nodes`, `debug`, `daemon_gone`; nothing else writes the Relay's state.
+        unmount_by_path()      umount -f when the kernel's own attempt failed
+    Translators call send_detached, unmount_begins, counting (what an Idle
+    yield waits out) and read `session`, `nodes`, `debug`, `daemon_gone`;
+    nothing else writes the Relay's state.
     """
 
     def __init__(self, device, channel, session, options=None):
@@ -2486,10 +2587,12 @@ class Relay:
         self.trace = options.get("trace")
         self.inflight = {}              # unique -> InFlight
         self.kernel_waiting = {}        # our FLUSH's id -> InFlight of the translator waiting
-        self.write_waiters = {}         # Node -> InFlights waiting for its WRITEs to end
+        self.idle_waiters = {}          # (owner, counter) -> InFlights waiting for 0 (Idle)
         self.flush_id = OUR_REQUEST_IDS
         self.daemon_gone = self.kernel_gone = self.unmounting = False
-        self.unmount_requested = 0.0    # when we asked the kernel to unmount
+        self.unmount_due = 0.0          # when to ask the kernel to unmount (daemon gone)
+        self.unmount_requested = 0.0    # when we asked it
+        self.unmounter = None           # the thread unmounting by path, once started
         self.abort_switch = options.get("abort")
         self.aborted = None             # why the mount was aborted, if it was
         self._spare = []                # large reply buffers to reuse
@@ -2648,7 +2751,7 @@ class Relay:
         waiting, self.kernel_waiting = self.kernel_waiting, {}
         for inflight in waiting.values():
             self.resume(inflight, exc=FuseError(errno.ENXIO))
-        self.request_unmount()
+        self.unmount_due = time.monotonic() + UNMOUNT_GRACE
 
     def abort(self, why):
         """Linux's connection abort: everything in flight and all that
@@ -2693,19 +2796,47 @@ class Relay:
         self.write_kernel(kernel_request(frame, PuffsReq.from_buffer(frame), PUFFSOP_UNMOUNT,
                                          OUR_REQUEST_IDS | 0xDEAD))
 
-    def writing(self, node):
-        """`with relay.writing(node):` around a WRITE's requests."""
-        return Scope(self._write_begins, self._write_ends, node)
+    def unmount_by_path(self):
+        """umount -f of the mount point, as an administrator would, retried
+        while EBUSY until the kernel begins the unmount (VFS_UNMOUNT) or the
+        device ends.  In a thread: unmount(2) returns only once this loop
+        has answered VFS_UNMOUNT."""
+        if self.unmounter is not None or self.device.unmount is None \
+                or self.device.target is None:
+            return
+
+        def unmount():
+            while not (self.kernel_gone or self.unmounting) and \
+                    time.monotonic() - self.unmount_requested < UNMOUNT_PATIENCE:
+                try:
+                    self.device.unmount(self.device.target, NB_MNT_FORCE)
+                    return
+                except OSError as e:
+                    if e.errno not in (errno.EBUSY, errno.EINVAL, errno.ENOENT):
+                        LOG.warning("%s", e)
+                    if e.errno != errno.EBUSY:      # EINVAL: gone by now
+                        return
+                time.sleep(0.05)
+        LOG.info("the kernel has not unmounted %s: unmounting it", self.device.target)
+        self.unmounter = threading.Thread(target=unmount, name="unmount", daemon=True)
+        self.unmounter.start()
+
+    def counting(self, owner, counter):
+        """`with relay.counting(node, "writing"):` around requests that a
+        translator yielding Idle(node, "writing") waits out."""
+        return Scope(self._count_up, self._count_down, (owner, counter))
 
     @staticmethod
-    def _write_begins(node):
-        node.writing += 1
+    def _count_up(key):
+        owner, counter = key
+        setattr(owner, counter, getattr(owner, counter) + 1)
 
-    def _write_ends(self, node):
-        """When the node's last WRITE in flight ends, what waited goes on."""
-        node.writing -= 1
-        if not node.writing:
-            for inflight in self.write_waiters.pop(node, ()):
+    def _count_down(self, key):
+        owner, counter = key
+        left = getattr(owner, counter) - 1
+        setattr(owner, counter, left)
+        if not left:
+            for inflight in self.idle_waiters.pop(key, ()):
                 self.resume(inflight)
 
     def unmount_begins(self):
@@ -2846,9 +2977,10 @@ class Relay:
                 LOG.exception("%s failed", req.op.name)
                 self.finish(req, E.EIO, None)
                 return
-            if isinstance(freq, WritesDone):
-                if freq.node.writing:
-                    self.write_waiters.setdefault(freq.node, []).append(inflight)
+            if isinstance(freq, Idle):
+                if getattr(freq.owner, freq.counter):
+                    self.idle_waiters.setdefault((freq.owner, freq.counter), []).append(
+                        inflight)
                     return
                 value = None
                 continue
@@ -2944,16 +3076,21 @@ class Relay:
         dev_mask = chan_mask = selectors.EVENT_READ
         try:
             while not self.kernel_gone:
-                if self.daemon_gone and self.unmount_requested and \
-                        time.monotonic() - self.unmount_requested > UNMOUNT_PATIENCE:
-                    LOG.warning("kernel did not unmount: closing the device")
-                    break
+                if self.unmount_due and time.monotonic() >= self.unmount_due:
+                    self.request_unmount()
+                if self.daemon_gone and self.unmount_requested:
+                    waited = time.monotonic() - self.unmount_requested
+                    if waited > UNMOUNT_PATIENCE:
+                        LOG.warning("kernel did not unmount: closing the device")
+                        break
+                    if waited > UNMOUNT_BY_PATH_AFTER and not self.unmounting:
+                        self.unmount_by_path()
                 wait = self.overdue()
                 if wait == 0:
                     self.abort("no answer from the daemon within daemon_timeout=%g s"
                                % self.session.daemon_timeout)
                     continue
-                for key, mask in sel.select(1.0 if self.daemon_gone else wait):
+                for key, mask in sel.select(0.1 if self.daemon_gone else wait):
                     if key.data == "abort":
                         sel.unregister(key.fd)
                         self.abort(self.abort_switch.why or "requested")
@@ -3040,6 +3177,8 @@ class Relay:
         if not self.kernel_gone:
             self.fail_inflight(errno.ENXIO)
         self.inflight.clear()
+        if self.unmounter is not None:
+            self.unmounter.join(UNMOUNT_PATIENCE)
 
 
 def seal_reply(hdr, nb_errno, length):
@@ -3552,10 +3691,11 @@ def run_file(target, kind):
     return "/var/run/perfused-%s.%s" % (name or "root", kind)
 
 
-def serve_abortable(conn, device=None, **options):
+def serve_abortable(conn, device=None, switch=None, **options):
     """serve_connection as a serving process runs it: SIGTERM aborts the
-    mount, and the pid file names this process to perfused -a."""
-    switch = AbortSwitch()
+    mount (pulls `switch`), and the pid file names this process to
+    perfused -a."""
+    switch = switch or AbortSwitch()
     written = []
 
     def announce(target):
@@ -3694,7 +3834,12 @@ def listen_forever(debug, trace, foreground, device=None):
         except InterruptedError:
             continue
         if foreground:
-            serve_abortable(conn, device, debug=debug, trace=trace)
+            # SIGTERM while a connection is served aborts its mount, and
+            # then ends the listener as it would have between connections
+            switch = AbortSwitch()
+            serve_abortable(conn, device, switch, debug=debug, trace=trace)
+            if switch.why is not None:
+                return EX_OK
             continue
         try:
             uid = peer_credentials(conn)[1]

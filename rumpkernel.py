@@ -656,9 +656,13 @@ def child(control_fd, libdir):
             elif method == "report":
                 reply(tag, True, bridges[args[0]].report())
             elif method == "close_device":
-                for ident in args or list(bridges):
-                    bridges[ident].close()
-                reply(tag, True, None)
+                # in a thread: a close the kernel blocks (a deadlocked
+                # unmount) must not stop this loop answering
+                def close(tag=tag, idents=args or list(bridges)):
+                    for ident in idents:
+                        bridges[ident].close()
+                    reply(tag, True, None)
+                threading.Thread(target=close, daemon=True).start()
             elif method == "mount_puffs":
                 target, flags, kargs, ident = args
                 procs[proc].calls.put((tag, "mount_puffs", (target, flags, kargs,
@@ -726,7 +730,11 @@ class RumpKernel:
             for slot in self.waiting.values():
                 slot[0].set()
 
-    def _call(self, proc, method, args, timeout=None, wait_tag=None, kwargs=None):
+    def _call(self, proc, method, args, timeout=None, wait_tag=None, kwargs=None,
+              diagnose=True):
+        """diagnose: on a timeout, name the requests the kernel waits for and
+        close the devices (not for the calls doing that: the control thread
+        itself may be what is stuck)."""
         with self.lock:
             if wait_tag is None:
                 self.tag += 1
@@ -738,8 +746,10 @@ class RumpKernel:
                 tag, slot = wait_tag, self.waiting[wait_tag]
         event = slot[0]
         if not event.wait(timeout or self.timeout):
-            pending = self.pending_requests()
-            self.close_devices()
+            pending = "not asked"
+            if diagnose:
+                pending = self.pending_requests()
+                self.close_devices()
             raise KernelHang("%s%r did not return in %g s; kernel requests unanswered: %s" % (
                 method, args[:2], timeout or self.timeout, pending or "none"))
         with self.lock:
@@ -777,13 +787,13 @@ class RumpKernel:
         return mount
 
     def report(self, ident):
-        return self._call(0, "report", (ident,), timeout=10)
+        return self._call(0, "report", (ident,), timeout=10, diagnose=False)
 
     def pending_requests(self):
         out = []
         for ident in self.devices:
             try:
-                report = self._call(0, "report", (ident,), timeout=5)
+                report = self._call(0, "report", (ident,), timeout=5, diagnose=False)
             except (KernelHang, NetBSDError):
                 continue
             out += report["pending"]
@@ -794,7 +804,7 @@ class RumpKernel:
     def close_devices(self, *idents):
         """Close /dev/puffs descriptors: force-unmounts what they serve."""
         try:
-            self._call(0, "close_device", idents, timeout=10)
+            self._call(0, "close_device", idents, timeout=10, diagnose=False)
         except KernelHang:
             pass
 
