@@ -1375,9 +1375,12 @@ class NodeTable:
 
     def adopt_listing(self, node, pid, fh):
         """Record a process's new listing handle; beyond LISTINGS_PER_DIR
-        the oldest idle listings go (abandoned ones: `ls | head`)."""
+        the oldest ended listings go, then the oldest idle ones (abandoned:
+        `ls | head`)."""
         listings = node.listings = node.listings or {}
-        for key in [k for k, lst in listings.items() if not lst.reading]:
+        idle = [k for k, lst in listings.items() if not lst.reading]
+        idle.sort(key=lambda k: listings[k].fh is not None)     # stable: oldest first
+        for key in idle:
             if len(listings) < LISTINGS_PER_DIR:
                 break
             self._drop_listing(node, key)
@@ -1417,7 +1420,7 @@ class NodeTable:
 
 
 # Listings a directory keeps track of, most of them ended (no handle)
-LISTINGS_PER_DIR = 16
+LISTINGS_PER_DIR = 64
 
 
 class Listing:

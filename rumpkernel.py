@@ -29,6 +29,9 @@ request, replies within preq_buflen, no PUFFSOP_ERROR from the kernel.
 
 The libraries are found at $RUMPLIB, else ../shared/rump/lib beside this
 file's directory.  Used by test_perfused.py and by `make demo`.
+
+One function of the rump kernel's own, not NetBSD's, is replaced: see
+UNBUSY_SHIM.
 """
 
 import ctypes
@@ -36,9 +39,12 @@ import os
 import pickle
 import queue
 import socket
+import hashlib
+import shutil
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -196,13 +202,64 @@ def _path(p):
     return os.fsencode(p)
 
 
+# The rump kernel's uvm_page_unbusy (sys/rump/librump/rumpkern/vm.c, its
+# stand-in for NetBSD's uvm) asserts on pgs[0]->uobject before the loop that
+# skips NULL pages: a read-ahead that found every page of its range busy
+# with another reader (genfs_getpages' way out) crashed the kernel's process
+# under load.  NetBSD's own uvm_page_unbusy skips NULL pages; so does this,
+# loaded ahead of the libraries so that they call it.
+UNBUSY_SHIM = r"""
+#include <stddef.h>
+struct vm_page;
+static void (*rump_unbusy)(struct vm_page **, int);
+void shim_unbusy_calls(void (*fn)(struct vm_page **, int)) { rump_unbusy = fn; }
+void rumpns_uvm_page_unbusy(struct vm_page **pgs, int npgs)
+{
+	while (npgs > 0 && pgs[0] == NULL) {
+		pgs++;
+		npgs--;
+	}
+	if (npgs > 0)
+		rump_unbusy(pgs, npgs);
+}
+"""
+
+
+def unbusy_shim():
+    """The shim built (once per content, in the temporary directory), or
+    None without a C compiler."""
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        return None
+    tag = hashlib.sha256(UNBUSY_SHIM.encode()).hexdigest()[:12]
+    path = os.path.join(tempfile.gettempdir(), "perfused-rump-unbusy-%d-%s.so" % (
+        os.getuid(), tag))
+    if not os.path.exists(path):
+        src = path[:-3] + ".%d.c" % os.getpid()
+        with open(src, "w") as f:
+            f.write(UNBUSY_SHIM)
+        try:
+            subprocess.run([cc, "-shared", "-fPIC", "-O2", "-o", path + ".tmp", src],
+                           check=True, capture_output=True)
+            os.replace(path + ".tmp", path)
+        finally:
+            os.unlink(src)
+    return path
+
+
 class Kernel:
     """The booted rump kernel, in the child: system calls as Python calls."""
 
     def __init__(self, libdir):
+        shim_path = unbusy_shim()
+        shim = shim_path and c.CDLL(shim_path, mode=c.RTLD_GLOBAL)
         self.libs = [c.CDLL(os.path.join(libdir, n), mode=c.RTLD_GLOBAL, use_errno=True)
                      for n in LIBS]
         self.rump = self.libs[1]
+        if shim:        # the rump kernel's own, found in librump itself
+            shim.shim_unbusy_calls(c.cast(self.rump.rumpns_uvm_page_unbusy, c.c_void_p))
+        else:
+            print("rumpkernel: no C compiler: uvm_page_unbusy left as it is", file=sys.stderr)
         if self.rump.rump_init() != 0:
             raise SystemExit("rump_init failed")
         self.fns = {}

@@ -613,9 +613,9 @@ class TestKernel:
         return self.vn("FSYNC", cookie, kcred() + bytes(4) + struct.pack("<qqi4x", 0, 0, flags),
                        faf=faf)
 
-    def readdir(self, cookie, offset=0, size=4096):
+    def readdir(self, cookie, offset=0, size=4096, pid=4242):
         body = kcred() + bytes(4) + struct.pack("<qQQi4xQ", offset, size, 0, 0, 0)
-        r = self.vn("READDIR", cookie, body, buflen=184 + size)
+        r = self.vn("READDIR", cookie, body, buflen=184 + size, pid=pid)
         if r.rv == 0:
             r.offset, r.resid, r.eof = r.i64(144), r.u64(152), r.i32(168)
             r.entries = []
@@ -2928,6 +2928,44 @@ def test_interleaved_pieces_fail_cleanly():
         assert m.k.getattr(m.k.root).rv == 0
 
 
+def test_each_listing_process_reads_on_a_directory_handle_of_its_own():
+    """PUFFS READDIR names no open file, only the process: two processes
+    listing one directory at once each get an OPENDIR handle of their own,
+    which their READDIRs carry (no daemon cursor moves under another
+    listing); a listing that ends releases its handle and answers the
+    kernel's last READDIR itself; one that starts again gets a fresh one."""
+    handles = iter(range(100, 200))
+    names = [b"a", b"b", b"c"]
+
+    def readdir(h, b):                  # one entry per reply
+        fh, off, size = struct.unpack_from("<QQI", b)
+        if off >= len(names):
+            return b""
+        rec = struct.pack("<QQII", 20 + off, off + 1, 1, 8) + names[off]
+        return rec + bytes(-len(rec) % 8)
+    with FakeMount({"OPENDIR": lambda h, b: struct.pack("<QII", next(handles), 0, 0),
+                    "READDIR": readdir}) as m:
+        k, d = m.k, m.daemon
+        one = 16                        # a NetBSD dirent of a one-letter name
+        got = []
+        for pid, offset in ((1, 0), (2, 0), (1, 1), (2, 1), (1, 2), (1, 3), (1, 3), (1, 0)):
+            r = k.readdir(k.root, offset, one, pid=pid)
+            assert r.rv == 0
+            got.append((pid, [e[0] for e in r.entries], r.eof))
+        assert got == [(1, ["a"], 0), (2, ["a"], 0), (1, ["b"], 0), (2, ["b"], 0),
+                       (1, ["c"], 0), (1, [], 1), (1, [], 1), (1, ["a"], 0)]
+        assert wait_for(lambda: d.seen("RELEASEDIR"))
+        # (op, the handle it names): READ_IN and RELEASE_IN begin with fh
+        traffic = [(h["opcode"], None if h["opcode"] == "OPENDIR" else
+                    struct.unpack_from("<Q", b)[0]) for h, b in d.requests
+                   if h["opcode"] in ("OPENDIR", "READDIR", "RELEASEDIR")]
+        opendir = ("OPENDIR", None)
+        assert traffic == [
+            opendir, ("READDIR", 100), opendir, ("READDIR", 101), ("READDIR", 100),
+            ("READDIR", 101), ("READDIR", 100), ("READDIR", 100), ("RELEASEDIR", 100),
+            opendir, ("READDIR", 102)]
+
+
 def test_readdir_names_with_slash_or_nul_are_refused():
     def readdir(h, b):
         fh, off, size = struct.unpack_from("<QQI", b)
@@ -4532,15 +4570,17 @@ class CrashTrial:
         self.m = NetBSDMount(kernel, lambda fd: [exe, "-f", "-o", "source=%s" % self.backing, fd],
                              fstype="passthrough_ll")
         self.killed = None             # monotonic time just before the SIGKILL
-        self.files = {}                # first name -> {"data", "name", "synced", "closed", ...}
+        # first name -> {"worker", "data", "name": the current one, "renaming":
+        # the name a rename under way gives, "synced"/"closed": when}
+        self.files = {}
         self.failures = []
         self.ops = 0
 
     def work(self, w, p, rnd):
         """Worker w's loop: until an error after the kill (or a broken rule)."""
-        def own(**state):
-            return [f for f in self.files.values()
-                    if f["worker"] == w and all(f[k] is not None for k in state)]
+        def own(done):
+            """This worker's files whose `done` ("synced", "closed") happened."""
+            return [f for f in self.files.values() if f["worker"] == w and f[done] is not None]
         n = 0
         try:
             while True:
@@ -4551,23 +4591,22 @@ class CrashTrial:
                 try:
                     if op == "write":
                         self.write(p, rnd, "w%d-%d" % (w, n))
-                    elif op == "rename" and own(synced=1):
-                        f = rnd.choice([f for f in own(synced=1) if f["renaming"] is None])
+                    elif op == "rename" and own("synced"):
+                        f = rnd.choice(own("synced"))
                         f["renaming"] = "r%d-%d" % (w, n)
                         p.rename(self.m.path("work/" + f["name"]),
                                  self.m.path("work/" + f["renaming"]))
-                        f["name"], f["renaming"], f["renamed"] = f["renaming"], None, \
-                            time.monotonic()
-                    elif op == "read" and own(closed=1):
-                        f = rnd.choice(own(closed=1))
+                        f["name"], f["renaming"] = f["renaming"], None
+                    elif op == "read" and own("closed"):
+                        f = rnd.choice(own("closed"))
                         data = p.readfile(self.m.path("work/" + f["name"]))
                         if data != f["data"]:
-                            raise AssertionError("read back %d bytes of %s, not the %d written"
-                                                 % (len(data), f["name"], len(f["data"])))
+                            raise AssertionError("read back %d bytes of %s, not the %d written "
+                                                 "(%s)" % (len(data), f["name"], len(f["data"]),
+                                                           self.when()))
                     elif op == "list":
                         names = {e[2] for e in p.listdir(self.m.path("work"))}
-                        missing = [f["name"] for f in own(closed=1) if f["renaming"] is None
-                                   and f["name"] not in names]
+                        missing = [f["name"] for f in own("closed") if f["name"] not in names]
                         if missing:
                             raise AssertionError("listing lacks %s (%s)" % (missing, self.when()))
                     elif op == "lock":
@@ -4588,8 +4627,7 @@ class CrashTrial:
         size = rnd.choice(self.SIZES)
         f = self.files[name] = {"worker": int(name[1:].split("-")[0]), "name": name,
                                 "data": rnd.randbytes(size).replace(b"\0", b"\1"),
-                                "synced": None, "closed": None, "renaming": None,
-                                "renamed": None}
+                                "synced": None, "closed": None, "renaming": None}
         pieces = []
         off = 0
         while off < size:
@@ -4677,8 +4715,9 @@ class CrashTrial:
                     first, len(data), len(f["data"]))
             else:
                 assert len(data) <= len(f["data"]), first
-                wrong = [i for i, b in enumerate(data) if b and b != f["data"][i]]
-                assert not wrong, "%s: bytes nobody wrote at %s" % (first, wrong[:5])
+                if data != f["data"][:len(data)]:        # holes are zeros; all else written
+                    wrong = [i for i, b in enumerate(data) if b and b != f["data"][i]]
+                    assert not wrong, "%s: bytes nobody wrote at %s" % (first, wrong[:5])
         assert present == expected, "unknown files %s" % (present - expected)
         return synced
 
@@ -4826,8 +4865,9 @@ def test_netbsd_64_processes_at_once_campaign(netbsd, tmp_path):
           "system call %.3f s (%s)" % (
               duration, sum(p.calls for p in procs), sum(st[0] for st in trace.stats.values()),
               m.timer.replies, daemon, relay, op, stall, call))
-    # a request may take a few round trips (OPEN: pages flushed, then OPEN)
-    assert relay <= 4 * daemon + 0.25, trace.report()
+    # a request may take a few round trips, and wait for the kernel (OPEN:
+    # the kernel flushes pages, then OPEN)
+    assert relay <= 4 * daemon + 1.0, trace.report()
     assert stall < 10, (stall, call)
 
 
