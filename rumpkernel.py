@@ -35,12 +35,12 @@ UNBUSY_SHIM.
 """
 
 import ctypes
+import hashlib
 import os
 import pickle
 import queue
-import socket
-import hashlib
 import shutil
+import socket
 import struct
 import subprocess
 import sys
@@ -235,15 +235,15 @@ def unbusy_shim():
     path = os.path.join(tempfile.gettempdir(), "perfused-rump-unbusy-%d-%s.so" % (
         os.getuid(), tag))
     if not os.path.exists(path):
-        src = path[:-3] + ".%d.c" % os.getpid()
-        with open(src, "w") as f:
+        work = path[:-3] + ".%d" % os.getpid()      # kernels booting at once
+        with open(work + ".c", "w") as f:
             f.write(UNBUSY_SHIM)
         try:
-            subprocess.run([cc, "-shared", "-fPIC", "-O2", "-o", path + ".tmp", src],
+            subprocess.run([cc, "-shared", "-fPIC", "-O2", "-o", work + ".so", work + ".c"],
                            check=True, capture_output=True)
-            os.replace(path + ".tmp", path)
+            os.replace(work + ".so", path)
         finally:
-            os.unlink(src)
+            os.unlink(work + ".c")
     return path
 
 
