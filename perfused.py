@@ -2576,7 +2576,7 @@ class Relay:
         on_fuse_reply(...)     resume the translator waiting for the unique
         fail(unique, errno)    the one way a request in flight fails
         daemon_died(why)       fail everything, ask the kernel to unmount
-        unmount_by_path()      umount -f when the kernel's own attempt failed
+        unmount_out_of_patience()  after it: ask the kernel, then umount -f
     Translators call send_detached, unmount_begins, counting (what an Idle
     yield waits out) and read `session`, `nodes`, `debug`, `daemon_gone`;
     nothing else writes the Relay's state.
@@ -2798,6 +2798,24 @@ class Relay:
         frame = bytearray(c.sizeof(PuffsReq))
         self.write_kernel(kernel_request(frame, PuffsReq.from_buffer(frame), PUFFSOP_UNMOUNT,
                                          OUR_REQUEST_IDS | 0xDEAD))
+
+    def unmount_out_of_patience(self):
+        """The steps after the daemon died, one per turn of the loop: ask
+        the kernel to unmount once UNMOUNT_GRACE is over, unmount by path
+        if it has not begun UNMOUNT_BY_PATH_AFTER later, and True once
+        UNMOUNT_PATIENCE is out too (the loop ends, the device closes)."""
+        now = time.monotonic()
+        if now >= self.unmount_due:
+            self.request_unmount()
+        if not self.unmount_requested:
+            return False
+        waited = now - self.unmount_requested
+        if waited > UNMOUNT_PATIENCE:
+            LOG.warning("kernel did not unmount: closing the device")
+            return True
+        if waited > UNMOUNT_BY_PATH_AFTER and not self.unmounting:
+            self.unmount_by_path()
+        return False
 
     def unmount_by_path(self):
         """umount -f of the mount point, as an administrator would, retried
@@ -3079,15 +3097,8 @@ class Relay:
         dev_mask = chan_mask = selectors.EVENT_READ
         try:
             while not self.kernel_gone:
-                if self.unmount_due and time.monotonic() >= self.unmount_due:
-                    self.request_unmount()
-                if self.daemon_gone and self.unmount_requested:
-                    waited = time.monotonic() - self.unmount_requested
-                    if waited > UNMOUNT_PATIENCE:
-                        LOG.warning("kernel did not unmount: closing the device")
-                        break
-                    if waited > UNMOUNT_BY_PATH_AFTER and not self.unmounting:
-                        self.unmount_by_path()
+                if self.daemon_gone and self.unmount_out_of_patience():
+                    break
                 wait = self.overdue()
                 if wait == 0:
                     self.abort("no answer from the daemon within daemon_timeout=%g s"
